@@ -1,0 +1,50 @@
+# Ferry: `make serve` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ferry-installed
+export MLFLOW_TRACKING_URI ?= sqlite:///.ferry/mlflow.db
+DEMO_MODELS ?= tabular-mlp-onnx=models:/tabular-mlp-onnx@champion,tabular-mlp=models:/tabular-mlp@champion,image-cnn=models:/image-cnn@champion
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install tools serve register-demo test lint unit integration ops fmt clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+tools:
+	bash scripts/tools.sh
+
+register-demo: install
+	$(PY) -m service register-demo
+
+serve: register-demo
+	FERRY_MODELS="$${FERRY_MODELS:-$(DEMO_MODELS)}" $(PY) -m service serve --host $(HOST) --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check service tests models
+	$(VENV)/bin/ruff format --check service tests models
+	$(VENV)/bin/mypy
+
+test: install tools lint
+	$(VENV)/bin/pytest
+
+unit: install
+	$(VENV)/bin/pytest tests/unit
+
+integration: install tools
+	$(VENV)/bin/pytest tests/integration
+
+ops: install tools
+	$(VENV)/bin/pytest tests/ops
+
+fmt: install
+	$(VENV)/bin/ruff format service tests models
+	$(VENV)/bin/ruff check --fix service tests models
+
+clean:
+	rm -rf $(VENV) .ferry .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""HTTP layer: the app factory, dependencies, error bodies, middleware and routes."""

@@ -1,0 +1,91 @@
+"""``create_app(settings)``: the FastAPI app, its routes, and one lifespan that opens resources in order
+and closes them in reverse.
+
+Models load in the background after start-up, so ``/health/live`` answers at once and
+``/health/ready`` turns 200 when every model is warmed up. Settings that cannot work (CUDA asked for
+where there is none, a malformed model URI) fail start-up instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import __version__
+from service.api import errors
+from service.api.routes import health, models, predict
+from service.config import Settings
+from service.inference import InferenceService
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts."""
+    metrics = metrics or Metrics()
+    metrics.build_info.info({"version": __version__})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            registry = await asyncio.to_thread(ModelRegistry, settings)
+            device = await asyncio.to_thread(registry.device)
+            service = InferenceService(settings, registry, metrics)
+            log.info("serving %d model(s) on %s from %s", len(service.slots()), device, settings.tracking_uri)
+            stack.push_async_callback(service.close)
+            app.state.service = service
+            loading = asyncio.create_task(service.start(), name="load-models")
+            stack.push_async_callback(_cancel, loading)
+            yield
+
+    app = FastAPI(
+        title="Ferry",
+        version=__version__,
+        description="Serve MLflow-registered PyTorch and ONNX models: batching, caching, metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def route_table(app: FastAPI) -> dict[str, set[str]]:
+    """Every served path (templates such as ``/models/{name}``) with its methods, included routers too."""
+    table: dict[str, set[str]] = {}
+
+    def walk(routes: list[Any], prefix: str) -> None:
+        for route in routes:
+            if hasattr(route, "original_router"):  # FastAPI's included router
+                walk(route.original_router.routes, prefix + route.include_context.prefix)
+            elif hasattr(route, "path"):
+                table.setdefault(prefix + route.path, set()).update(getattr(route, "methods", None) or ())
+
+    walk(list(app.routes), "")
+    return table
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if not task.cancelled() and task.exception() is not None:
+        log.error("model loading failed: %r", task.exception())

@@ -1,0 +1,37 @@
+"""One-line typed dependencies, so routes stay thin and tests can swap collaborators."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request
+
+from service.errors import BadRequest, NotReady
+from service.inference import InferenceService
+
+
+def get_service(request: Request) -> InferenceService:
+    service: InferenceService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("the service is starting")
+    return service
+
+
+Service = Annotated[InferenceService, Depends(get_service)]
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, parsed with orjson (400 if it is not JSON or not an object)."""
+    body = await request.body()
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        hint = " (NaN and Infinity are not JSON)" if b"NaN" in body or b"Infinity" in body else ""
+        raise BadRequest(f"body is not valid JSON: {exc}{hint}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+JsonBody = Annotated[dict[str, Any], Depends(json_object)]

@@ -1,0 +1,69 @@
+"""Error bodies: Ferry's own ``{"error": {"code", "message", "details"}}`` for every FerryError,
+framework validation error and unknown route; 5xx bodies stay generic, the details go to the log."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import FerryError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
+    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    return Response(orjson.dumps(body, default=str), status_code=status, media_type="application/json")
+
+
+async def ferry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FerryError)
+    if (
+        exc.status >= 500
+        and exc.status != HTTPStatus.SERVICE_UNAVAILABLE
+        and exc.status != HTTPStatus.GATEWAY_TIMEOUT
+    ):
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.message, exc_info=exc)
+    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
+        for e in exc.errors()
+    ]
+    message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
+    return error_response(InvalidInput.status, InvalidInput.code, message, {"problems": problems})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    response = error_response(exc.status_code, code, str(exc.detail))
+    for key, value in (exc.headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error; the details are in the server log")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(FerryError, ferry_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,1 @@
+"""Routes: parse, call one InferenceService method, return."""

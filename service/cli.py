@@ -1,0 +1,87 @@
+"""``ferry``: ``serve``, ``register-demo``. ``python -m service`` is the same program."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service import __version__, logs
+
+log = logging.getLogger("ferry")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ferry", description="Serve MLflow models over HTTP.")
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve models over HTTP")
+    serve.add_argument(
+        "--model", action="append", default=None, help="name=URI or URI; repeat (FERRY_MODELS)"
+    )
+    serve.add_argument("--host", help="address to listen on (FERRY_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (FERRY_PORT)")
+    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (FERRY_DEVICE)")
+
+    demo = commands.add_parser("register-demo", help="train and register the demo models (idempotent)")
+    demo.add_argument("--models-dir", default="models", help="folder holding register.py (default: models)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _register_demo(Path(args.models_dir))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.config import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "device": args.device}.items() if v}
+    if args.model:
+        overrides["models"] = args.model
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"ferry: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if not settings.models:
+        log.error("no models configured: set FERRY_MODELS or pass --model models:/NAME@ALIAS")
+        return 2
+    import uvicorn
+
+    from service.api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=int(max(settings.shutdown.grace_s, 1.0) * 2),
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _register_demo(models_dir: Path) -> int:
+    logs.configure("info", os.environ.get("FERRY_LOG_FORMAT", "text"))
+    script = models_dir / "register.py"
+    if not script.exists():
+        log.error("%s not found: run from the repository root or pass --models-dir", script)
+        return 2
+    spec = importlib.util.spec_from_file_location("ferry_demo_models", script)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import {script}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(models_dir.resolve()))
+    spec.loader.exec_module(module)
+    module.main()
+    return 0

@@ -1,0 +1,144 @@
+"""Ferry's settings tree.
+
+Every setting comes from the environment (prefix ``FERRY_``, nested sections joined with ``__``, for
+example ``FERRY_BATCH__MAX_ROWS=128``) or from the CLI flags that mirror the main ones. Every field
+has a safe default and a one-line docstring with its unit; the README's configuration table lists
+them. Settings are built in ``main``/``create_app``, never at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_TRACKING_URI = "sqlite:///.ferry/mlflow.db"
+"""The embedded registry: a sqlite file under ``.ferry/`` in the working directory."""
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batching, per model version."""
+
+    enabled: bool = True
+    """Coalesce concurrent requests into one model call; off runs every request alone."""
+    max_rows: Annotated[int, Field(gt=0)] = 64
+    """Most rows in one model call (rows, not requests)."""
+    max_wait_ms: Annotated[float, Field(ge=0)] = 0.0
+    """Extra time a batch waits for more rows after the first arrives (milliseconds); 0 never waits
+    when the model is idle and gathers what queued while it was busy."""
+    queue_rows: Annotated[int, Field(gt=0)] = 4096
+    """Most rows waiting per model; beyond it requests get 503 with Retry-After (rows)."""
+    timeout_ms: Annotated[float, Field(gt=0)] = 30_000.0
+    """Deadline of one request inside the service, queue wait and compute (milliseconds); 504 after it."""
+
+
+class RuntimeSettings(BaseModel):
+    """Framework threading. One process per device; the HTTP loop needs a core of its own."""
+
+    intra_op_threads: Annotated[int, Field(ge=0)] = 1
+    """Threads inside one ONNX Runtime / torch CPU operator (0: the framework's default, all cores)."""
+
+
+class ModelCacheSettings(BaseModel):
+    """Per-model overrides of the cache settings."""
+
+    enabled: bool | None = None
+    """Cache this model's predictions (unset: the global ``cache.enabled``)."""
+    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    """Lifetime of this model's entries (seconds; unset: the global ``cache.ttl_s``)."""
+
+
+class CacheSettings(BaseModel):
+    """Prediction cache: an in-process LRU, and Redis behind it when ``FERRY_REDIS_URL`` is set."""
+
+    enabled: bool = True
+    """Cache predictions at all."""
+    memory_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024
+    """Size bound of the in-process tier (bytes; 0 turns the tier off)."""
+    ttl_s: Annotated[float, Field(gt=0)] = 300.0
+    """Lifetime of an entry in either tier (seconds)."""
+    redis_timeout_ms: Annotated[float, Field(gt=0)] = 25.0
+    """Bound on one Redis call before it counts as failed and the request goes on without it (ms)."""
+    breaker_failures: Annotated[int, Field(gt=0)] = 5
+    """Consecutive Redis failures that open the circuit breaker."""
+    breaker_reset_s: Annotated[float, Field(gt=0)] = 5.0
+    """Time the breaker stays open before one probe call (seconds)."""
+    key_prefix: str = "ferry:v1:"
+    """Prefix of every Redis key (lets several deployments share one Redis)."""
+    models: dict[str, ModelCacheSettings] = Field(default_factory=dict)
+    """Per-model overrides, JSON: ``{"image-cnn": {"ttl_s": 60}, "fraud": {"enabled": false}}``."""
+
+
+class ShutdownSettings(BaseModel):
+    """Graceful shutdown on SIGTERM."""
+
+    grace_s: Annotated[float, Field(ge=0)] = 5.0
+    """After SIGTERM: seconds to keep serving with readiness 503, so load balancers stop sending."""
+
+
+class Settings(BaseSettings):
+    """All of Ferry's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FERRY_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Models to serve: comma-separated ``name=URI`` or ``URI`` (``models:/n@alias``, ``models:/n/3``,
+    ``runs:/id/path``)."""
+    default_model: str | None = None
+    """Model answering requests that name none (default: the first of ``models``)."""
+    tracking_uri: str = Field(
+        default=DEFAULT_TRACKING_URI,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "FERRY_TRACKING_URI"),
+    )
+    """MLflow tracking/registry URI (MLflow's own ``MLFLOW_TRACKING_URI``): sqlite, Postgres or a server."""
+    registry_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "FERRY_REGISTRY_URI"),
+    )
+    """MLflow registry URI when it differs from the tracking URI (``MLFLOW_REGISTRY_URI``)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    """TCP port to listen on (0: any free port)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level."""
+    log_format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` (one object per line) for log pipelines."""
+    download_dir: str = ".ferry/models"
+    """Local folder where model artifacts are downloaded (cached by model name and version)."""
+    warmup: bool = True
+    """Run each model's logged input example through it before reporting ready."""
+    redis_url: SecretStr | None = None
+    """Redis for the shared cache tier (``redis://``, ``rediss://``, ``unix://``); unset: memory only."""
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    admin_token: SecretStr | None = None
+    """Bearer token of the admin API; unset turns the admin API off."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value

@@ -1,0 +1,83 @@
+"""Ferry's domain exceptions.
+
+One tree; each class carries the HTTP status it maps to and a stable machine-readable ``code``.
+Every protocol's error handler renders these in its own body shape.
+
+FerryError
+├── BadRequest            400 bad_request          body is not JSON / not the expected structure
+├── InvalidInput          422 invalid_input        inputs do not match the model's signature
+├── ModelNotFound         404 model_not_found      no such model (or version) is served
+├── PayloadTooLarge       413 payload_too_large
+├── NotReady              503 not_ready            the model is loading or shutting down
+├── Overloaded            503 overloaded           the model's queue is full (Retry-After)
+├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
+├── ModelLoadError        500 model_load_failed    a model version could not be loaded or warmed up
+├── ConfigurationError    500 configuration_error  start-up settings that cannot work (e.g. CUDA absent)
+└── InferenceFailed       500 inference_failed     the model raised while computing a batch
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+
+class FerryError(Exception):
+    """Base of every error Ferry raises on purpose."""
+
+    status: ClassVar[HTTPStatus] = HTTPStatus.INTERNAL_SERVER_ERROR
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class BadRequest(FerryError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "bad_request"
+
+
+class InvalidInput(FerryError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "invalid_input"
+
+
+class ModelNotFound(FerryError):
+    status = HTTPStatus.NOT_FOUND
+    code = "model_not_found"
+
+
+class PayloadTooLarge(FerryError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "payload_too_large"
+
+
+class NotReady(FerryError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "not_ready"
+    retry_after_s: int = 5
+
+
+class Overloaded(FerryError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "overloaded"
+    retry_after_s: int = 1
+
+
+class DeadlineExceeded(FerryError):
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    code = "deadline_exceeded"
+
+
+class ModelLoadError(FerryError):
+    code = "model_load_failed"
+
+
+class ConfigurationError(FerryError):
+    code = "configuration_error"
+
+
+class InferenceFailed(FerryError):
+    code = "inference_failed"

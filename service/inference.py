@@ -1,0 +1,372 @@
+"""``InferenceService`` and ``ModelSlot``: the one path every protocol's request takes below its route.
+
+validate against the signature → cache → batcher → runtime, with metrics at each stage. A slot holds one
+loaded model version with its batcher; loading builds and warms up a new slot before it replaces the old
+one, so a swap is a single reference assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batcher import Batcher
+from service.config import Settings
+from service.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    FerryError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+)
+from service.metrics import MAX_CLASS_LABELS, Metrics
+from service.registry import LoadedModel, ModelRegistry, ModelSpec
+from service.signature import decode_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Prediction:
+    """What a protocol needs to answer one request."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    cache: str = "miss"
+
+
+class _SlotMetrics:
+    """The metric children of one model version, looked up once (label lookups are not free)."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str, classes: int) -> None:
+        duration = metrics.inference_duration
+        self.queue_s = duration.labels(name, version, "queue")
+        self.compute_s = duration.labels(name, version, "compute")
+        self.total_s = duration.labels(name, version, "total")
+        self.batch_rows = metrics.batch_rows.labels(name, version)
+        self.queue_rows = metrics.queue_rows.labels(name, version)
+        self.invalid = metrics.rejected.labels(name, "invalid_input")
+        self.overload = metrics.rejected.labels(name, "overload")
+        self.timeout = metrics.rejected.labels(name, "timeout")
+        self.failures = metrics.failures.labels(name, version)
+        self._metrics, self._name, self._version = metrics, name, version
+        self.classes = [
+            metrics.predicted_class.labels(name, version, str(i))
+            for i in range(min(classes, MAX_CLASS_LABELS))
+        ]
+        self.other_class = (
+            metrics.predicted_class.labels(name, version, "other") if classes > MAX_CLASS_LABELS else None
+        )
+        self.output_value = metrics.output_value.labels(name, version)
+        self._protocols: dict[str, tuple[Any, Any]] = {}
+
+    def answered(self, protocol: str, rows: int) -> None:
+        pair = self._protocols.get(protocol)
+        if pair is None:
+            m = self._metrics
+            pair = (
+                m.requests.labels(self._name, self._version, protocol),
+                m.rows.labels(self._name, self._version, protocol),
+            )
+            self._protocols[protocol] = pair
+        pair[0].inc()
+        pair[1].inc(rows)
+
+    # BatchObserver
+    def batch(self, rows: int, compute_s: float) -> None:
+        self.batch_rows.observe(rows)
+
+    def queue(self, rows: int) -> None:
+        self.queue_rows.set(rows)
+
+    def outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Drift summary of a batch (runs in the worker thread, off the event loop)."""
+        first = next(iter(outputs.values()), None)
+        if first is None or first.ndim == 0 or first.dtype.kind != "f":
+            return
+        if self.classes and first.ndim == 2:
+            counts = np.bincount(first.argmax(axis=1), minlength=first.shape[1])
+            for index, count in enumerate(counts.tolist()):
+                if count:
+                    child = self.classes[index] if index < len(self.classes) else self.other_class
+                    if child is not None:
+                        child.inc(count)
+        else:
+            for value in first.reshape(first.shape[0], -1)[:64, 0].tolist():
+                self.output_value.observe(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveVersion:
+    """A loaded, warmed-up model version with the batcher in front of it; swapped in as one reference."""
+
+    model: LoadedModel
+    batcher: Batcher
+    metrics: _SlotMetrics
+    loaded_at: float
+
+    @property
+    def version(self) -> str:
+        return self.model.ref.version
+
+    async def close(self) -> None:
+        """Drain the queued requests, then free the model (and its device memory)."""
+        await self.batcher.close(drain=True)
+        self.model.runtime.close()
+
+
+@dataclass(slots=True)
+class ModelSlot:
+    """One served model: its configuration, its state and the version that answers now."""
+
+    spec: ModelSpec
+    state: str = "loading"
+    active: ActiveVersion | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class InferenceService:
+    """Loads the configured models and answers predictions for every protocol."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._metrics = metrics
+        specs = [ModelSpec.parse(entry) for entry in settings.models]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"model names must be unique, got {names}")
+        self._slots: dict[str, ModelSlot] = {s.name: ModelSlot(s) for s in specs}
+        default = settings.default_model or (names[0] if names else None)
+        if default is not None and default not in self._slots:
+            raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
+        self._default = default
+        self._timeout_s = settings.batch.timeout_ms / 1000
+        self.shutting_down = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every configured model; a broken one is reported, not fatal (bad settings are)."""
+        for slot in self._slots.values():
+            try:
+                await self.load(slot.name)
+            except ConfigurationError:
+                raise
+            except FerryError as exc:
+                log.error("model %s not loaded: %s", slot.name, exc.message)
+
+    async def load(self, name: str, uri: str | None = None) -> ModelSlot:
+        """Resolve, download, load and warm up ``name``'s current version, then swap it in."""
+        slot = self._slots[name]
+        spec = ModelSpec(name, uri or slot.spec.uri)
+        started = time.perf_counter()
+        stage = "resolve"
+        try:
+            ref = await asyncio.to_thread(self._registry.resolve, spec.uri)
+            stage = "load"
+            model = await asyncio.to_thread(self._registry.load, name, ref)
+            stage = "warmup"
+            batcher, slot_metrics = self._batcher(name, model)
+            try:
+                await self._warm_up(name, model, batcher)
+            except BaseException:
+                await batcher.close(drain=False)
+                model.runtime.close()
+                raise
+        except FerryError as exc:
+            self._metrics.load_failures.labels(name, stage).inc()
+            if slot.active is None:
+                slot.state, slot.error = "failed", exc.message
+                self._metrics.model_ready.labels(name).set(0)
+            raise
+        old = slot.active
+        slot.spec, slot.active = spec, ActiveVersion(model, batcher, slot_metrics, time.time())
+        slot.state, slot.error = "ready", None
+        self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
+        self._metrics.model_ready.labels(name).set(1)
+        info = model.runtime.info
+        self._metrics.model_info.labels(
+            name,
+            ref.version,
+            ref.alias or "",
+            model.flavor,
+            info.runtime,
+            info.device,
+            ",".join(info.providers),
+        ).set(1)
+        log.info(
+            "model %s v%s ready (%s on %s) in %.2fs",
+            name, ref.version, model.flavor, info.device, time.perf_counter() - started,
+        )  # fmt: skip
+        if old is not None:
+            await old.close()
+        return slot
+
+    async def close(self) -> None:
+        self.shutting_down = True
+        for slot in self._slots.values():
+            if slot.active is not None:
+                await slot.active.close()
+            slot.state = "stopped"
+
+    def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, _SlotMetrics]:
+        batch = self._settings.batch
+        first = model.outputs[0] if model.outputs else None
+        classes = (
+            first.shape[-1] if first is not None and len(first.shape) == 2 and first.shape[-1] > 1 else 0
+        )
+        slot_metrics = _SlotMetrics(self._metrics, name, model.ref.version, classes)
+        self._metrics.queue_capacity_rows.labels(name, model.ref.version).set(batch.queue_rows)
+        runtime = model.runtime
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            outputs = runtime.predict_batch(inputs)
+            slot_metrics.outputs(outputs)
+            return outputs
+
+        batcher = Batcher(
+            run,
+            max_rows=batch.max_rows,
+            queue_rows=batch.queue_rows,
+            max_wait_s=batch.max_wait_ms / 1000,
+            enabled=batch.enabled,
+            observer=slot_metrics,
+            name=name,
+        )
+        return batcher, slot_metrics
+
+    async def _warm_up(self, name: str, model: LoadedModel, batcher: Batcher) -> None:
+        """Run the logged input example (or zeros of the signature's shape) and check the outputs."""
+        if not self._settings.warmup:
+            return
+        example = model.input_example or {
+            s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in model.inputs
+        }
+        try:
+            example = {s.name: np.ascontiguousarray(example[s.name], dtype=s.dtype) for s in model.inputs}
+            rows = int(next(iter(example.values())).shape[0])
+            result = await batcher.submit(example, rows, max(self._timeout_s, 60.0))
+        except FerryError as exc:
+            raise ModelLoadError(f"model {name} v{model.ref.version} failed warm-up: {exc.message}") from exc
+        except Exception as exc:
+            raise ModelLoadError(f"model {name} v{model.ref.version} failed warm-up: {exc!r}") from exc
+        for out in result.outputs.values():
+            if out.dtype.kind == "f" and not np.isfinite(out).all():
+                raise ModelLoadError(f"model {name} v{model.ref.version}: warm-up output has NaN or inf")
+
+    # -- queries -----------------------------------------------------------------------------------
+    def active(self, name: str | None) -> ActiveVersion:
+        """The version answering ``name`` (``None``: the default model); 404 if unknown, 503 if not ready."""
+        if name is None:
+            if self._default is None:
+                raise ModelNotFound("no model is configured")
+            name = self._default
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(
+                f"model {name!r} is not served; served models: {sorted(self._slots)}", model=name
+            )
+        active = slot.active
+        if active is None or slot.state != "ready":
+            raise NotReady(f"model {name!r} is {slot.state}" + (f": {slot.error}" if slot.error else ""))
+        return active
+
+    @property
+    def default_model(self) -> str | None:
+        return self._default
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
+
+    def find(self, name: str) -> ModelSlot:
+        """A slot in any state (404 if unknown): for metadata routes."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(
+                f"model {name!r} is not served; served models: {sorted(self._slots)}", model=name
+            )
+        return slot
+
+    def ready(self) -> bool:
+        return not self.shutting_down and all(s.state == "ready" for s in self._slots.values())
+
+    def describe(self, slot: ModelSlot) -> dict[str, Any]:
+        batch = self._settings.batch
+        out: dict[str, Any] = {"name": slot.name, "uri": slot.spec.uri, "state": slot.state}
+        if slot.error:
+            out["error"] = slot.error
+        if slot.active is not None:
+            model = slot.active.model
+            info = model.runtime.info
+            out |= {
+                "alias": model.ref.alias,
+                "version": model.ref.version,
+                "flavor": model.flavor,
+                "runtime": info.runtime,
+                "device": info.device,
+                "providers": list(info.providers),
+                "signature": {
+                    "inputs": [s.describe() for s in model.inputs],
+                    "outputs": [s.describe() for s in model.outputs],
+                },
+            }
+        out["batching"] = {
+            "enabled": batch.enabled,
+            "max_rows": batch.max_rows,
+            "max_wait_ms": batch.max_wait_ms,
+            "queue_rows": batch.queue_rows,
+            "timeout_ms": batch.timeout_ms,
+        }
+        return out
+
+    # -- the hot path ------------------------------------------------------------------------------
+    async def predict(self, name: str | None, inputs: Any, *, protocol: str = "ferry") -> Prediction:
+        """Validate ``inputs`` (decoded JSON) against the model's signature and compute them."""
+        started = time.perf_counter()
+        active = self.active(name)
+        try:
+            arrays, rows = decode_inputs(active.model.inputs, inputs)
+        except InvalidInput:
+            active.metrics.invalid.inc()
+            raise
+        return await self.compute(active, arrays, rows, protocol=protocol, started=started)
+
+    async def compute(
+        self,
+        active: ActiveVersion,
+        arrays: dict[str, np.ndarray],
+        rows: int,
+        *,
+        protocol: str,
+        started: float | None = None,
+    ) -> Prediction:
+        """Run validated arrays through the version's batcher; the answer names that version."""
+        started = started if started is not None else time.perf_counter()
+        m, model = active.metrics, active.model
+        try:
+            result = await active.batcher.submit(arrays, rows, self._timeout_s)
+        except Overloaded:
+            m.overload.inc()
+            raise
+        except DeadlineExceeded:
+            m.timeout.inc()
+            raise
+        m.queue_s.observe(result.queue_s)
+        m.compute_s.observe(result.compute_s)
+        m.total_s.observe(time.perf_counter() - started)
+        m.answered(protocol, rows)
+        return Prediction(model.name, model.ref.version, result.outputs)

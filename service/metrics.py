@@ -1,0 +1,180 @@
+"""Every Prometheus metric Ferry exports: names, labels, buckets.
+
+One ``Metrics`` object per app, on its own ``CollectorRegistry``, so that several apps (tests) can live
+in one process. Labels are bounded: model name, version, stage, reason, tier; never a raw path or an
+input value. Units are base units (seconds, bytes, ratios) as Prometheus naming asks.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+"""Seconds. The p99 objective (``monitoring/``) sits on the 0.1 s boundary."""
+BATCH_BUCKETS = tuple(float(2**i) for i in range(11))
+"""Rows per model call: 1, 2, 4, ... 1024."""
+LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+"""Seconds to download, load and warm up one model version."""
+OUTPUT_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+"""Values of a regression model's first output (drift watching)."""
+MAX_CLASS_LABELS = 32
+"""Classifiers with more classes than this count their predictions in one ``other`` label."""
+
+STAGES = ("queue", "compute", "total")
+REJECT_REASONS = ("overload", "timeout", "invalid_input")
+
+
+class Metrics:
+    """The metric objects of one Ferry app."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        r = self.registry
+        self.build_info = Info("ferry_build", "Ferry's version.", registry=r)
+        self.inference_duration = Histogram(
+            "ferry_inference_duration_seconds",
+            "Time inside the service per request, by stage: queue (waiting for a batch), compute "
+            "(the model call of its batch) and total (decode to encoded response).",
+            ["model", "version", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "ferry_inference_requests_total",
+            "Inference requests answered from the model or the cache, by protocol.",
+            ["model", "version", "protocol"],
+            registry=r,
+        )
+        self.rows = Counter(
+            "ferry_inference_rows_total",
+            "Rows (batch-axis entries) answered, by protocol.",
+            ["model", "version", "protocol"],
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "ferry_batch_rows",
+            "Rows per model call; the count is the number of model calls.",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_rows = Gauge(
+            "ferry_queue_rows",
+            "Rows waiting for a model call.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.queue_capacity_rows = Gauge(
+            "ferry_queue_capacity_rows",
+            "Most rows that may wait per model version (FERRY_BATCH__QUEUE_ROWS).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "ferry_requests_rejected_total",
+            "Inference requests refused, by reason: overload (queue full), timeout (deadline passed), "
+            "invalid_input (did not match the signature).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "ferry_inference_failures_total",
+            "Model calls that raised; every request of the batch got a 500.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.load_duration = Histogram(
+            "ferry_model_load_duration_seconds",
+            "Time to resolve, download, load and warm up a model version.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.load_failures = Counter(
+            "ferry_model_load_failures_total",
+            "Model versions that failed to load or warm up, by stage (resolve, load, warmup).",
+            ["model", "stage"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "ferry_model_ready",
+            "1 when the model is loaded, warmed up and serving; 0 otherwise.",
+            ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "ferry_model_info",
+            "Always 1; labels describe the loaded model version.",
+            ["model", "version", "alias", "flavor", "runtime", "device", "provider"],
+            registry=r,
+        )
+        self.predicted_class = Counter(
+            "ferry_predicted_class_total",
+            "Predicted class (argmax of the first output) of classifier rows, for drift watching.",
+            ["model", "version", "class"],
+            registry=r,
+        )
+        self.output_value = Histogram(
+            "ferry_output_value",
+            "First output value of non-classifier rows, for drift watching.",
+            ["model", "version"],
+            buckets=OUTPUT_BUCKETS,
+            registry=r,
+        )
+        # Cache (service/cache.py).
+        self.cache_lookups = Counter(
+            "ferry_cache_lookups_total",
+            "Prediction cache lookups by tier (memory, redis) and result (hit, miss).",
+            ["model", "tier", "result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "ferry_cache_errors_total",
+            "Cache operations that failed open (timeout, connection error, corrupt value), by tier and "
+            "operation (get, set).",
+            ["tier", "operation"],
+            registry=r,
+        )
+        self.cache_redis_duration = Histogram(
+            "ferry_cache_redis_duration_seconds",
+            "Duration of one Redis call, by operation (get, set).",
+            ["operation"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.cache_breaker_state = Gauge(
+            "ferry_cache_breaker_state",
+            "Redis circuit breaker: 0 closed (calling Redis), 1 half-open (probing), 2 open (skipping).",
+            registry=r,
+        )
+        self.cache_memory_bytes = Gauge(
+            "ferry_cache_memory_bytes",
+            "Bytes held by the in-process cache tier (keys and values).",
+            registry=r,
+        )
+        self.cache_memory_entries = Gauge(
+            "ferry_cache_memory_entries",
+            "Entries held by the in-process cache tier.",
+            registry=r,
+        )
+        self.cache_coalesced = Counter(
+            "ferry_cache_coalesced_total",
+            "Requests that waited for an identical request in flight instead of running the model.",
+            ["model"],
+            registry=r,
+        )

@@ -1,0 +1,1 @@
+"""Model runtimes: one backend per framework behind the ``Runtime`` protocol."""

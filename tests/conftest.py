@@ -1,0 +1,241 @@
+"""Shared fixtures: a clean environment, a real MLflow registry with tiny deterministic models, and a real
+Ferry served by uvicorn on a free 127.0.0.1 port.
+
+Models registered (all with the alias ``champion``):
+- ``linear``: torch ``nn.Linear(4, 3)`` with weight 2 and bias 1, logged as pt2 (output = 2*sum(x)+1);
+  version 2 has weight 3 (output = 3*sum(x)+1) and the alias ``challenger``.
+- ``linear-onnx``: the weight-2 layer exported to ONNX (input ``input``, output ``output``).
+- ``tabular-mlp-onnx``: the demo MLP's architecture (64 -> 10), seeded and untrained, as ONNX.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+
+_CLEARED_PREFIXES = ("FERRY_", "MLFLOW_")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No behaviour-changing variable from the developer's shell leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith(_CLEARED_PREFIXES):
+            monkeypatch.delenv(key, raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def linear_module(weight: float = 2.0, bias: float = 1.0, features: int = 4, outputs: int = 3):  # type: ignore[no-untyped-def]
+    import torch
+
+    layer = torch.nn.Linear(features, outputs)
+    with torch.no_grad():
+        layer.weight.fill_(weight)
+        layer.bias.fill_(bias)
+    return layer.eval()
+
+
+def export_onnx(module, example: np.ndarray, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(example),),
+        str(path),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        dynamo=False,
+    )
+    return path
+
+
+@dataclass
+class Registry:
+    """A real MLflow registry (sqlite file + artifact folder) in a temporary directory."""
+
+    root: Path
+    tracking_uri: str
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri}
+
+
+def _register(name: str, info, alias: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    version = mlflow.register_model(info.model_uri, name)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def log_torch(module, example: np.ndarray):  # type: ignore[no-untyped-def]
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.inference_mode():
+        out = module(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        module,
+        name="model",
+        serialization_format="pt2",
+        signature=infer_signature(example, out),
+        input_example=example,
+        pip_requirements=["torch"],
+    )
+
+
+def log_onnx(path: Path, example: np.ndarray, output: np.ndarray):  # type: ignore[no-untyped-def]
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    return mlflow.onnx.log_model(
+        onnx.load(str(path)),
+        name="model",
+        signature=infer_signature({"input": example}, output),
+        input_example={"input": example},
+        pip_requirements=["onnx", "onnxruntime"],
+    )
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    import mlflow
+    import nets
+    import torch
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
+    example = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with mlflow.start_run(experiment_id=experiment):
+        _register("linear", log_torch(linear_module(2.0), example), alias="champion")
+    with mlflow.start_run(experiment_id=experiment):
+        _register("linear", log_torch(linear_module(3.0), example), alias="challenger")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(linear_module(2.0), example, Path(tmp) / "linear.onnx")
+        with mlflow.start_run(experiment_id=experiment):
+            _register(
+                "linear-onnx",
+                log_onnx(path, example, 2 * example.sum(1, keepdims=True).repeat(3, 1) + 1),
+                "champion",
+            )
+        torch.manual_seed(0)
+        mlp = nets.TabularMLP().eval()
+        mlp_example = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+        path = export_onnx(mlp, mlp_example, Path(tmp) / "mlp.onnx")
+        with torch.inference_mode():
+            mlp_out = mlp(torch.from_numpy(mlp_example)).numpy()
+        with mlflow.start_run(experiment_id=experiment):
+            _register("tabular-mlp-onnx", log_onnx(path, mlp_example, mlp_out), "champion")
+    yield Registry(root=root, tracking_uri=uri)
+    if previous is not None:
+        mlflow.set_tracking_uri(previous)
+
+
+@dataclass
+class Server:
+    """A Ferry process served by uvicorn."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    registry: Registry,
+    models: str,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Server:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES)}
+    env |= registry.env() | {
+        "FERRY_MODELS": models,
+        "FERRY_DOWNLOAD_DIR": str(workdir / "downloads"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env |= extra_env or {}
+    log_path = workdir / f"ferry-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    if wait_ready:
+        wait_until_ready(server)
+    return server
+
+
+def wait_until_ready(server: Server, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"ferry exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"ferry not ready within {timeout_s}s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+DEFAULT_MODELS = (
+    "linear=models:/linear@champion,linear-onnx=models:/linear-onnx@champion,"
+    "tabular-mlp-onnx=models:/tabular-mlp-onnx@champion"
+)
+
+
+@pytest.fixture(scope="session")
+def ferry_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real Ferry for the session, serving ``linear``, ``linear-onnx`` and ``tabular-mlp-onnx``."""
+    server = start_server(registry, DEFAULT_MODELS, tmp_path_factory.mktemp("ferry"))
+    yield server
+    stop_server(server)

@@ -1,0 +1,203 @@
+"""Batcher: coalescing, limits, deadlines, cancellation and failures, synchronised with events (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+
+
+class GatedModel:
+    """Doubles its input; each call blocks until the test opens the gate, and records batch sizes."""
+
+    def __init__(self, gated: bool = True) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.calls.append(x.shape[0])
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        return {"y": x * 2}
+
+
+def rows(*values: float) -> dict[str, np.ndarray]:
+    return {"x": np.array([[v] for v in values], dtype=np.float32)}
+
+
+async def wait_entered(model: GatedModel) -> None:
+    assert await asyncio.to_thread(model.entered.wait, 10)
+    model.entered.clear()
+
+
+@pytest.mark.asyncio
+async def test_idle_model_runs_a_lone_request_at_once() -> None:
+    model = GatedModel(gated=False)
+    batcher = Batcher(model, max_rows=8, queue_rows=64, max_wait_s=0)
+    result = await batcher.submit(rows(1.5), 1, timeout_s=5)
+    assert result.outputs["y"].tolist() == [[3.0]]
+    assert model.calls == [1]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_queued_while_busy_share_one_batch_and_get_their_own_rows() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64)
+    first = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await wait_entered(model)  # the model is busy with the first request
+    others = [asyncio.create_task(batcher.submit(rows(v, v + 0.5), 2, 5)) for v in (10, 20, 30)]
+    await asyncio.sleep(0)  # let the three enqueue
+    model.gate.set()
+    assert (await first).outputs["y"].tolist() == [[2.0]]
+    results = [await t for t in others]
+    assert [r.outputs["y"].ravel().tolist() for r in results] == [[20, 21], [40, 41], [60, 61]]
+    assert model.calls == [1, 6]
+    assert batcher.batches == 2
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_max_rows_bounds_a_batch() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=4, queue_rows=64)
+    first = asyncio.create_task(batcher.submit(rows(0), 1, 5))
+    await wait_entered(model)
+    queued = [asyncio.create_task(batcher.submit(rows(1, 2, 3), 3, 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *queued)
+    assert model.calls == [1, 3, 3, 3]  # 3+3 > 4: each request of 3 rows is its own batch
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_request_larger_than_max_rows_runs_alone_instead_of_being_refused() -> None:
+    model = GatedModel(gated=False)
+    batcher = Batcher(model, max_rows=2, queue_rows=64)
+    result = await batcher.submit(rows(1, 2, 3, 4, 5), 5, 5)
+    assert result.outputs["y"].shape == (5, 1)
+    assert model.calls == [5]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_max_wait_gathers_rows_that_arrive_within_the_window() -> None:
+    model = GatedModel(gated=False)
+    batcher = Batcher(model, max_rows=3, queue_rows=64, max_wait_s=30.0)
+    tasks = [asyncio.create_task(batcher.submit(rows(v), 1, 60)) for v in (1, 2)]
+    await asyncio.sleep(0)
+    assert model.calls == []  # waiting for the window or a full batch
+    tasks.append(asyncio.create_task(batcher.submit(rows(3), 1, 60)))  # fills the batch: runs now
+    results = await asyncio.gather(*tasks)
+    assert [r.outputs["y"].item() for r in results] == [2, 4, 6]
+    assert model.calls == [3]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_full_queue_is_overloaded_and_other_requests_still_complete() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=4)
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await wait_entered(model)
+    queued = asyncio.create_task(batcher.submit(rows(1, 2, 3), 3, 5))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await batcher.submit(rows(1, 2), 2, 5)
+    assert info.value.status == 503 and info.value.retry_after_s >= 1
+    model.gate.set()
+    assert (await running).outputs["y"].item() == 2
+    assert (await queued).outputs["y"].shape == (3, 1)
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_deadline_passed_while_queued_is_504_and_skipped() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64)
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await wait_entered(model)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(rows(7), 1, timeout_s=0.01)
+    model.gate.set()
+    await running
+    assert batcher.queued_rows == 0
+    await batcher.close()
+    assert model.calls == [1]  # the expired request never reached the model
+
+
+@pytest.mark.asyncio
+async def test_cancelled_waiting_request_is_dropped_without_disturbing_others() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64)
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await wait_entered(model)
+    doomed = asyncio.create_task(batcher.submit(rows(100), 1, 5))
+    kept = asyncio.create_task(batcher.submit(rows(5), 1, 5))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    model.gate.set()
+    await running
+    assert (await kept).outputs["y"].item() == 10
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert model.calls == [1, 1]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    calls: list[int] = []
+
+    def flaky(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["x"]))
+        if (inputs["x"] < 0).any():
+            raise RuntimeError("boom")
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(flaky, max_rows=1, queue_rows=64)
+    bad, good = await asyncio.gather(
+        batcher.submit(rows(-1), 1, 5), batcher.submit(rows(4), 1, 5), return_exceptions=True
+    )
+    assert isinstance(bad, InferenceFailed) and "failed" in bad.message
+    assert not isinstance(good, BaseException) and good.outputs["y"].item() == 8
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_wrong_output_rows_fail_the_batch_with_a_clear_error() -> None:
+    batcher = Batcher(lambda _: {"y": np.zeros((1, 1))}, max_rows=8, queue_rows=64)
+    with pytest.raises(InferenceFailed, match="expected 2 rows"):
+        await batcher.submit(rows(1, 2), 2, 5)
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_batching_off_runs_each_request_alone() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64, enabled=False)
+    tasks = [asyncio.create_task(batcher.submit(rows(v), 1, 5)) for v in (1, 2, 3)]
+    await wait_entered(model)
+    model.gate.set()
+    await asyncio.gather(*tasks)
+    assert model.calls == [1, 1, 1]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_closed_batcher_refuses_new_requests() -> None:
+    batcher = Batcher(GatedModel(gated=False), max_rows=8, queue_rows=64)
+    await batcher.close()
+    with pytest.raises(NotReady):
+        await batcher.submit(rows(1), 1, 5)
