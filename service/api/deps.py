@@ -1,4 +1,8 @@
-"""One-line typed dependencies, so routes stay thin and tests can swap collaborators."""
+"""One-line typed dependencies, so routes stay thin and tests can swap collaborators.
+
+The inference endpoints take the ``Request`` itself and call ``service_of`` and ``json_object``
+directly, since ``FastPath`` calls them without FastAPI's dependency solving.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,15 @@ from service.errors import BadRequest, NotReady
 from service.inference import InferenceService
 
 
-def get_service(request: Request) -> InferenceService:
+def service_of(request: Request) -> InferenceService:
     service: InferenceService | None = getattr(request.app.state, "service", None)
     if service is None:
         raise NotReady("the service is starting")
     return service
+
+
+async def get_service(request: Request) -> InferenceService:
+    return service_of(request)
 
 
 Service = Annotated[InferenceService, Depends(get_service)]
@@ -32,6 +40,3 @@ async def json_object(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
     return value
-
-
-JsonBody = Annotated[dict[str, Any], Depends(json_object)]

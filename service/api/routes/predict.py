@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.api.deps import JsonBody, Service
+from service.api.deps import json_object, service_of
+from service.api.middleware import Endpoint
 from service.errors import InvalidInput
-from service.inference import Prediction
+from service.inference import InferenceService, Prediction
 from service.schemas.predict import ErrorResponse, PredictRequest, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -28,19 +29,28 @@ _DOC: dict[str, Any] = {
 
 
 @router.post("/predict", summary="Predict with the named (or the only) model", **_DOC)
-async def predict(body: JsonBody, service: Service) -> Response:
-    return await _predict(service, _field(body, "model"), body)
+async def predict(request: Request) -> Response:
+    body = await json_object(request)
+    return await _predict(service_of(request), _field(body, "model"), body)
 
 
 @router.post("/models/{name}/predict", summary="Predict with the model in the path", **_DOC)
-async def predict_model(name: str, body: JsonBody, service: Service) -> Response:
+async def predict_model(request: Request, name: str) -> Response:
+    body = await json_object(request)
     named = _field(body, "model")
     if named is not None and named != name:
         raise InvalidInput(f"body names model {named!r} but the path names {name!r}", field="model")
-    return await _predict(service, name, body)
+    return await _predict(service_of(request), name, body)
 
 
-async def _predict(service: Service, name: str | None, body: dict[str, Any]) -> Response:
+FAST_ROUTES: list[tuple[str, str, Endpoint]] = [
+    ("POST", "/predict", predict),
+    ("POST", "/models/{name}/predict", predict_model),
+]
+"""Served by ``FastPath`` without FastAPI's per-route machinery."""
+
+
+async def _predict(service: InferenceService, name: str | None, body: dict[str, Any]) -> Response:
     if "inputs" not in body:
         raise InvalidInput(
             "field 'inputs' is required: rows as a nested list, or {input_name: rows}", field="inputs"
