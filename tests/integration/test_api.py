@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from conftest import Registry, Server, start_server, stop_server
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -73,8 +74,23 @@ def test_models_and_health(ferry_server: Server) -> None:
     assert "/predict" in docs["paths"] and "requestBody" in docs["paths"]["/predict"]["post"]
 
 
+@pytest.fixture(scope="module")
+def windowed_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A Ferry whose batches wait up to 25 ms for company, so that a client slower than the model (httpx
+    in one thread is) still produces concurrent arrivals for the server to coalesce."""
+    server = start_server(
+        registry,
+        "linear=models:/linear@champion",
+        tmp_path_factory.mktemp("windowed"),
+        {"FERRY_BATCH__MAX_WAIT_MS": "25"},
+    )
+    yield server
+    stop_server(server)
+
+
 @pytest.mark.asyncio
-async def test_200_concurrent_requests_are_exact_and_batched(ferry_server: Server) -> None:
+async def test_200_concurrent_requests_are_exact_and_batched(windowed_server: Server) -> None:
+    ferry_server = windowed_server
     rng = np.random.default_rng(3)
     rows = rng.integers(-50, 50, size=(200, 4)).astype(float).tolist()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
