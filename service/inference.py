@@ -8,6 +8,7 @@ one, so a swap is a single reference assignment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.batcher import Batcher
+from service.cache import SingleFlight, TieredCache, cache_key, decode_outputs, encode_outputs
 from service.config import Settings
 from service.errors import (
     ConfigurationError,
@@ -113,6 +115,7 @@ class ActiveVersion:
     model: LoadedModel
     batcher: Batcher
     metrics: _SlotMetrics
+    flights: SingleFlight
     loaded_at: float
 
     @property
@@ -142,8 +145,11 @@ class ModelSlot:
 class InferenceService:
     """Loads the configured models and answers predictions for every protocol."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, metrics: Metrics, cache: TieredCache | None = None
+    ) -> None:
         self._settings = settings
+        self._cache = cache
         self._registry = registry
         self._metrics = metrics
         specs = [ModelSpec.parse(entry) for entry in settings.models]
@@ -194,7 +200,8 @@ class InferenceService:
                 self._metrics.model_ready.labels(name).set(0)
             raise
         old = slot.active
-        slot.spec, slot.active = spec, ActiveVersion(model, batcher, slot_metrics, time.time())
+        flights = SingleFlight(self._metrics, name)
+        slot.spec, slot.active = spec, ActiveVersion(model, batcher, slot_metrics, flights, time.time())
         slot.state, slot.error = "ready", None
         self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
         self._metrics.model_ready.labels(name).set(1)
@@ -218,6 +225,8 @@ class InferenceService:
 
     async def close(self) -> None:
         self.shutting_down = True
+        if self._cache is not None:
+            await self._cache.close()
         for slot in self._slots.values():
             if slot.active is not None:
                 await slot.active.close()
@@ -334,7 +343,15 @@ class InferenceService:
         return out
 
     # -- the hot path ------------------------------------------------------------------------------
-    async def predict(self, name: str | None, inputs: Any, *, protocol: str = "ferry") -> Prediction:
+    async def predict(
+        self,
+        name: str | None,
+        inputs: Any,
+        *,
+        protocol: str = "ferry",
+        params: Mapping[str, Any] | None = None,
+        cache_control: str | None = None,
+    ) -> Prediction:
         """Validate ``inputs`` (decoded JSON) against the model's signature and compute them."""
         started = time.perf_counter()
         active = self.active(name)
@@ -343,7 +360,15 @@ class InferenceService:
         except InvalidInput:
             active.metrics.invalid.inc()
             raise
-        return await self.compute(active, arrays, rows, protocol=protocol, started=started)
+        return await self.compute(
+            active,
+            arrays,
+            rows,
+            protocol=protocol,
+            params=params,
+            cache_control=cache_control,
+            started=started,
+        )
 
     async def compute(
         self,
@@ -352,11 +377,47 @@ class InferenceService:
         rows: int,
         *,
         protocol: str,
+        params: Mapping[str, Any] | None = None,
+        cache_control: str | None = None,
         started: float | None = None,
     ) -> Prediction:
-        """Run validated arrays through the version's batcher; the answer names that version."""
+        """Answer validated arrays from the cache or the version's batcher; the answer names the version.
+
+        The cache works per request: the key covers every row, so a repeat of the same request is a
+        hit. ``cache_control`` ``no-cache`` skips the lookup but stores the result, ``no-store`` does
+        neither. Identical requests in flight at once run the model once.
+        """
         started = started if started is not None else time.perf_counter()
-        m, model = active.metrics, active.model
+        model, cache = active.model, self._cache
+        name, version = model.name, model.ref.version
+        key = None
+        if cache is not None and cache_control != "no-store" and cache.enabled(name):
+            try:
+                key = cache_key(name, version, arrays, params)
+            except TypeError:  # inputs the cache cannot key (strings): compute them every time
+                key = None
+        if key is not None and cache is not None and cache_control != "no-cache":
+            value, _tier = await cache.get(name, key)
+            if value is not None:
+                outputs = decode_outputs(value)
+                active.metrics.total_s.observe(time.perf_counter() - started)
+                active.metrics.answered(protocol, rows)
+                return Prediction(name, version, outputs, cache="hit")
+        if key is None:
+            outputs = await self._run(active, arrays, rows)
+        else:
+            outputs = await active.flights.run(key, lambda: self._run(active, arrays, rows))
+            assert cache is not None
+            with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
+                await cache.set(name, key, encode_outputs(outputs), cache.ttl_s(name))
+        active.metrics.total_s.observe(time.perf_counter() - started)
+        active.metrics.answered(protocol, rows)
+        return Prediction(name, version, outputs)
+
+    async def _run(
+        self, active: ActiveVersion, arrays: dict[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        m = active.metrics
         try:
             result = await active.batcher.submit(arrays, rows, self._timeout_s)
         except Overloaded:
@@ -367,6 +428,4 @@ class InferenceService:
             raise
         m.queue_s.observe(result.queue_s)
         m.compute_s.observe(result.compute_s)
-        m.total_s.observe(time.perf_counter() - started)
-        m.answered(protocol, rows)
-        return Prediction(model.name, model.ref.version, result.outputs)
+        return result.outputs

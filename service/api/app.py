@@ -23,6 +23,7 @@ from service import __version__
 from service.api import errors
 from service.api.middleware import FastPath
 from service.api.routes import health, models, predict
+from service.cache import build_cache
 from service.config import Settings
 from service.inference import InferenceService
 from service.metrics import Metrics
@@ -41,7 +42,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         async with contextlib.AsyncExitStack() as stack:
             registry = await asyncio.to_thread(ModelRegistry, settings)
             device = await asyncio.to_thread(registry.device)
-            service = InferenceService(settings, registry, metrics)
+            service = InferenceService(settings, registry, metrics, build_cache(settings, metrics))
             log.info("serving %d model(s) on %s from %s", len(service.slots()), device, settings.tracking_uri)
             stack.push_async_callback(service.close)
             app.state.service = service

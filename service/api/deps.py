@@ -29,6 +29,17 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
+def cache_control(request: Request) -> str | None:
+    """``no-store`` or ``no-cache`` when the request's ``Cache-Control`` asks for it, else ``None``."""
+    value = request.headers.get("cache-control")
+    if not value:
+        return None
+    directives = {part.strip().lower() for part in value.split(",")}
+    if "no-store" in directives:
+        return "no-store"
+    return "no-cache" if "no-cache" in directives else None
+
+
 async def json_object(request: Request) -> dict[str, Any]:
     """The body as a JSON object, parsed with orjson (400 if it is not JSON or not an object)."""
     body = await request.body()

@@ -23,6 +23,9 @@ class PredictRequest(BaseModel):
         description="Rows: a nested list for a single-input model, or {input_name: nested list}.",
         examples=[[[0.1, 0.2, 0.3]]],
     )
+    params: dict[str, Any] | None = Field(
+        default=None, description="Model parameters; part of the cache key, passed to pyfunc models."
+    )
 
 
 class PredictResponse(BaseModel):

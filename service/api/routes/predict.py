@@ -8,10 +8,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.api.deps import json_object, service_of
+from service.api.deps import cache_control, json_object, service_of
 from service.api.middleware import Endpoint
 from service.errors import InvalidInput
-from service.inference import InferenceService, Prediction
+from service.inference import Prediction
 from service.schemas.predict import ErrorResponse, PredictRequest, PredictResponse
 
 router = APIRouter(tags=["predict"])
@@ -31,7 +31,7 @@ _DOC: dict[str, Any] = {
 @router.post("/predict", summary="Predict with the named (or the only) model", **_DOC)
 async def predict(request: Request) -> Response:
     body = await json_object(request)
-    return await _predict(service_of(request), _field(body, "model"), body)
+    return await _predict(request, _field(body, "model"), body)
 
 
 @router.post("/models/{name}/predict", summary="Predict with the model in the path", **_DOC)
@@ -40,7 +40,7 @@ async def predict_model(request: Request, name: str) -> Response:
     named = _field(body, "model")
     if named is not None and named != name:
         raise InvalidInput(f"body names model {named!r} but the path names {name!r}", field="model")
-    return await _predict(service_of(request), name, body)
+    return await _predict(request, name, body)
 
 
 FAST_ROUTES: list[tuple[str, str, Endpoint]] = [
@@ -50,12 +50,17 @@ FAST_ROUTES: list[tuple[str, str, Endpoint]] = [
 """Served by ``FastPath`` without FastAPI's per-route machinery."""
 
 
-async def _predict(service: InferenceService, name: str | None, body: dict[str, Any]) -> Response:
+async def _predict(request: Request, name: str | None, body: dict[str, Any]) -> Response:
     if "inputs" not in body:
         raise InvalidInput(
             "field 'inputs' is required: rows as a nested list, or {input_name: rows}", field="inputs"
         )
-    result = await service.predict(name, body["inputs"])
+    params = body.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInput("field 'params' must be an object", field="params")
+    result = await service_of(request).predict(
+        name, body["inputs"], params=params, cache_control=cache_control(request)
+    )
     return render(result)
 
 
