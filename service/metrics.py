@@ -7,6 +7,8 @@ input value. Units are base units (seconds, bytes, ratios) as Prometheus naming 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,6 +18,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    Summary,
 )
 
 LATENCY_BUCKETS = (
@@ -46,6 +49,34 @@ class Metrics:
             GCCollector(registry=self.registry)
         r = self.registry
         self.build_info = Info("ferry_build", "Ferry's version.", registry=r)
+        # HTTP layer: FastPath records the inference routes, prometheus-fastapi-instrumentator the rest,
+        # both through ``observe_http`` into these objects.
+        self.http_requests = Counter(
+            "http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["handler", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration, from the first byte handled to the response sent.",
+            ["handler", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_request_size = Summary(
+            "http_request_size_bytes", "Request body bytes (Content-Length).", ["handler"], registry=r
+        )
+        self.http_response_size = Summary(
+            "http_response_size_bytes", "Response body bytes.", ["handler"], registry=r
+        )
+        self._http_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+        self.http_inprogress = Gauge(
+            "http_requests_inprogress",
+            "Inference requests (the hot routes) being answered now; the autoscaling signal.",
+            ["handler", "method"],
+            registry=r,
+        )
         self.inference_duration = Histogram(
             "ferry_inference_duration_seconds",
             "Time inside the service per request, by stage: queue (waiting for a batch), compute "
@@ -178,3 +209,21 @@ class Metrics:
             ["model"],
             registry=r,
         )
+
+    def observe_http(
+        self, handler: str, method: str, status: int, seconds: float, request_bytes: int, response_bytes: int
+    ) -> None:
+        """Record one HTTP request (label children cached: this runs for every request)."""
+        key = (handler, method, str(status))
+        children = self._http_children.get(key)
+        if children is None:
+            children = self._http_children[key] = (
+                self.http_requests.labels(handler, method, key[2]),
+                self.http_duration.labels(handler, method),
+                self.http_request_size.labels(handler),
+                self.http_response_size.labels(handler),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+        children[2].observe(request_bytes)
+        children[3].observe(response_bytes)

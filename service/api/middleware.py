@@ -11,7 +11,9 @@ when method and path match, with the same error rendering. Every other route goe
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import errors
 from service.errors import FerryError
+from service.metrics import Metrics
 
 Endpoint = Callable[..., Awaitable[Response]]
 
@@ -27,38 +30,61 @@ Endpoint = Callable[..., Awaitable[Response]]
 class FastPath:
     """Dispatch ``(method, path template, endpoint)`` routes before FastAPI's router."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[tuple[str, str, Endpoint]]) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[tuple[str, str, Endpoint]], metrics: Metrics) -> None:
         self.app = app
-        self._exact: dict[tuple[str, str], Endpoint] = {}
-        self._patterns: list[tuple[str, re.Pattern[str], Endpoint]] = []
+        self._metrics = metrics
+        inprogress = metrics.http_inprogress
+        self._exact: dict[tuple[str, str], _Route] = {}
+        self._patterns: list[tuple[str, re.Pattern[str], _Route]] = []
         for method, template, endpoint in routes:
+            route = _Route(endpoint, template, inprogress.labels(template, method))
             if "{" in template:
                 regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
-                self._patterns.append((method, re.compile(regex), endpoint))
+                self._patterns.append((method, re.compile(regex), route))
             else:
-                self._exact[(method, template)] = endpoint
+                self._exact[(method, template)] = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             match = self._match(scope["method"], scope["path"])
             if match is not None:
-                endpoint, params = match
-                request = Request(scope, receive)
-                try:
-                    response = await endpoint(request, **params)
-                except FerryError as exc:
-                    response = await errors.ferry_error(request, exc)
-                except Exception as exc:
-                    response = await errors.unexpected_error(request, exc)
-                await response(scope, receive, send)
+                await self._serve(scope, receive, send, *match)
                 return
         await self.app(scope, receive, send)
 
-    def _match(self, method: str, path: str) -> tuple[Endpoint, dict[str, Any]] | None:
-        endpoint = self._exact.get((method, path))
-        if endpoint is not None:
-            return endpoint, {}
-        for want, pattern, endpoint in self._patterns:
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, route: _Route, params: dict[str, Any]
+    ) -> None:
+        started = time.perf_counter()
+        request = Request(scope, receive)
+        route.inprogress.inc()
+        try:
+            response = await route.endpoint(request, **params)
+        except FerryError as exc:
+            response = await errors.ferry_error(request, exc)
+        except Exception as exc:
+            response = await errors.unexpected_error(request, exc)
+        finally:
+            route.inprogress.dec()
+        await response(scope, receive, send)
+        length = request.headers.get("content-length")
+        self._metrics.observe_http(
+            route.template, scope["method"], response.status_code, time.perf_counter() - started,
+            int(length) if length and length.isdigit() else 0, len(response.body),
+        )  # fmt: skip
+
+    def _match(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
+        for want, pattern, route in self._patterns:
             if want == method and (m := pattern.fullmatch(path)):
-                return endpoint, m.groupdict()
+                return route, m.groupdict()
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    endpoint: Endpoint
+    template: str
+    inprogress: Any  # the gauge child of this route
