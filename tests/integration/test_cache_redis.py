@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
+from conftest import RedisServer, free_port
 
 from service.cache import (
     BreakerState,
@@ -51,64 +49,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class RedisServer:
-    """One ``redis-server`` on 127.0.0.1 and a unix socket, without persistence."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        self.workdir, self.extra = workdir, extra
-        self.port = free_port()
-        self.socket = workdir / "redis.sock"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(
-            ["redis-server", *args, *self.extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    reply = conn.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start (exit {self.process.poll()})")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # SIGKILL works on a stopped process too
-            self.process.wait(10)
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
