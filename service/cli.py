@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
 
 from service import __version__, logs
@@ -53,12 +59,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.models:
         log.error("no models configured: set FERRY_MODELS or pass --model models:/NAME@ALIAS")
         return 2
-    import uvicorn
-
     from service.api.app import create_app
 
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         access_log=False,
@@ -66,9 +71,41 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(max(settings.shutdown.grace_s, 1.0) * 2),
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app, settings.shutdown.grace_s)
     server.run()
     return 0 if server.started else 1
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a grace period: the first SIGTERM/SIGINT turns readiness 503 at once and
+    keeps serving for ``grace_s`` seconds, so load balancers stop sending; then uvicorn stops accepting,
+    finishes in-flight requests, the lifespan drains the batch queues, and the process exits 0. A second
+    signal skips the rest of the grace period."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, grace_s: float) -> None:
+        super().__init__(config)
+        self._app, self._grace_s = app, grace_s
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # uvicorn re-raises the signal after shutting down, so the process dies by it; a
+                # drained shutdown is a clean exit, status 0.
+                self._captured_signals.clear()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service = getattr(self._app.state, "service", None)
+        if self.should_exit or service is None or service.shutting_down or self._grace_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        service.shutting_down = True
+        log.info("signal %d: readiness is now 503; serving %.1fs more before draining", sig, self._grace_s)
+        timer = threading.Timer(self._grace_s, super().handle_exit, args=(sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def _register_demo(models_dir: Path) -> int:

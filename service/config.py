@@ -61,7 +61,7 @@ class CacheSettings(BaseModel):
     """Size bound of the in-process tier (bytes; 0 turns the tier off)."""
     ttl_s: Annotated[float, Field(gt=0)] = 300.0
     """Lifetime of an entry in either tier (seconds)."""
-    redis_timeout_ms: Annotated[float, Field(gt=0)] = 25.0
+    redis_timeout_ms: Annotated[float, Field(gt=0)] = 50.0
     """Bound on one Redis call before it counts as failed and the request goes on without it (ms)."""
     breaker_failures: Annotated[int, Field(gt=0)] = 5
     """Consecutive Redis failures that open the circuit breaker."""

@@ -237,6 +237,7 @@ def start_server(
         "FERRY_MODELS": models,
         "FERRY_DOWNLOAD_DIR": str(workdir / "downloads"),
         "PYTHONUNBUFFERED": "1",
+        "FERRY_SHUTDOWN__GRACE_S": "0",
     }
     env |= extra_env or {}
     log_path = workdir / f"ferry-{port}.log"

@@ -45,6 +45,8 @@ class OnnxRuntime:
         if device.startswith("cuda"):
             index = int(device.partition(":")[2] or 0)
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch brings
+                ort.preload_dlls()
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ConfigurationError(
                     f"device {device!r} needs onnxruntime's CUDAExecutionProvider, which this install "
