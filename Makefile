@@ -5,10 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 export MLFLOW_TRACKING_URI ?= sqlite:///.ferry/mlflow.db
 DEMO_MODELS ?= tabular-mlp-onnx=models:/tabular-mlp-onnx@champion,tabular-mlp=models:/tabular-mlp@champion,image-cnn=models:/image-cnn@champion
+# Tools installed into the venv (kubectl, hadolint, zizmor, ...) come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install tools serve register-demo test lint unit integration ops fmt clean
+.PHONY: install tools serve register-demo test lint unit integration ops loadtest-smoke fmt clean
 
 install: $(STAMP)
 
@@ -41,6 +43,9 @@ integration: install tools
 
 ops: install tools
 	$(VENV)/bin/pytest tests/ops
+
+loadtest-smoke: install tools
+	$(VENV)/bin/pytest tests/perf -q
 
 fmt: install
 	$(VENV)/bin/ruff format service tests models
