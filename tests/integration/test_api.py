@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Registry, Server, start_server, stop_server
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Registry, Server, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from conftest import RedisServer, Registry, Server, start_server, stop_server
 
+from conftest import RedisServer, Registry, Server, start_server, stop_server
 from service.cache import cache_key
 
 pytestmark = [

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RedisServer, free_port
 
+from conftest import RedisServer, free_port
 from service.cache import (
     BreakerState,
     CircuitBreaker,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Registry
 
+from conftest import Registry
 from service.config import Settings
 from service.errors import ModelNotFound
 from service.registry import ModelRegistry

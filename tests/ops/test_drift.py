@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
+from starlette.routing import Match
+
 from delivery_support import (
     ADAPTER_VALUES,
     COMPOSE,
@@ -35,8 +37,6 @@ from delivery_support import (
     steps,
     workflow_files,
 )
-from starlette.routing import Match
-
 from service.api.app import create_app
 from service.config import Settings
 

@@ -9,6 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from delivery_support import (
     ADAPTER_VALUES,
     DELIVERY_DOC,
@@ -21,7 +22,6 @@ from delivery_support import (
     selector_matches,
     settings_from,
 )
-
 from service.config import Settings
 
 ENVIRONMENTS = sorted(OVERLAYS)

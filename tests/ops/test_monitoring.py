@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
 from monitoring_support import (
     ALERTMANAGER_YML,
     ANGULAR_PANELS,
@@ -37,8 +39,6 @@ from monitoring_support import (
     used_metric_names,
     variables_used,
 )
-from prometheus_client import CollectorRegistry, generate_latest
-
 from service.metrics import Metrics
 
 # Prometheus ----------------------------------------------------------------------------------------

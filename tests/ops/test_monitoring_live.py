@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
+
 from monitoring_support import (
     EXTERNAL_METRICS,
     HTTP_METRICS,

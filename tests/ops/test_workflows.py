@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
 from delivery_support import (
     COMPOSE,
     DEPENDABOT,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export_onnx, linear_module
 
+from conftest import export_onnx, linear_module
 from service.errors import ConfigurationError
 from service.runtime.base import resolve_device
 from service.runtime.onnx import OnnxRuntime
