@@ -73,6 +73,16 @@ class CacheSettings(BaseModel):
     """Per-model overrides, JSON: ``{"image-cnn": {"ttl_s": 60}, "fraud": {"enabled": false}}``."""
 
 
+class ReloadSettings(BaseModel):
+    """Following aliases: a moved alias is loaded, warmed up and swapped in without downtime."""
+
+    poll_s: Annotated[float, Field(ge=0)] = 30.0
+    """Seconds between alias look-ups in the registry (0 turns following off)."""
+    max_backoff_s: Annotated[float, Field(gt=0)] = 300.0
+    """Longest wait before retrying a version that failed to load or warm up (seconds; doubles from
+    ``poll_s`` on each failure)."""
+
+
 class ShutdownSettings(BaseModel):
     """Graceful shutdown on SIGTERM."""
 
@@ -123,6 +133,7 @@ class Settings(BaseSettings):
     """Redis for the shared cache tier (``redis://``, ``rediss://``, ``unix://``); unset: memory only."""
     batch: BatchSettings = Field(default_factory=BatchSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     admin_token: SecretStr | None = None

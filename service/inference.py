@@ -31,7 +31,7 @@ from service.errors import (
     Overloaded,
 )
 from service.metrics import MAX_CLASS_LABELS, Metrics
-from service.registry import LoadedModel, ModelRegistry, ModelSpec
+from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
 from service.signature import decode_inputs
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class ActiveVersion:
     metrics: _SlotMetrics
     flights: SingleFlight
     loaded_at: float
+    info_labels: tuple[str, ...]
 
     @property
     def version(self) -> str:
@@ -175,14 +176,17 @@ class InferenceService:
             except FerryError as exc:
                 log.error("model %s not loaded: %s", slot.name, exc.message)
 
-    async def load(self, name: str, uri: str | None = None) -> ModelSlot:
-        """Resolve, download, load and warm up ``name``'s current version, then swap it in."""
+    async def load(self, name: str, uri: str | None = None, ref: ModelRef | None = None) -> ModelSlot:
+        """Resolve (unless ``ref`` is given), download, load and warm up a version of ``name``, then swap
+        it in with one reference assignment and drain the old version. A version that fails any step
+        is never swapped in: the old one keeps serving."""
         slot = self._slots[name]
         spec = ModelSpec(name, uri or slot.spec.uri)
         started = time.perf_counter()
         stage = "resolve"
         try:
-            ref = await asyncio.to_thread(self._registry.resolve, spec.uri)
+            if ref is None:
+                ref = await asyncio.to_thread(self._registry.resolve, spec.uri)
             stage = "load"
             model = await asyncio.to_thread(self._registry.load, name, ref)
             stage = "warmup"
@@ -199,14 +203,8 @@ class InferenceService:
                 slot.state, slot.error = "failed", exc.message
                 self._metrics.model_ready.labels(name).set(0)
             raise
-        old = slot.active
-        flights = SingleFlight(self._metrics, name)
-        slot.spec, slot.active = spec, ActiveVersion(model, batcher, slot_metrics, flights, time.time())
-        slot.state, slot.error = "ready", None
-        self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
-        self._metrics.model_ready.labels(name).set(1)
         info = model.runtime.info
-        self._metrics.model_info.labels(
+        labels = (
             name,
             ref.version,
             ref.alias or "",
@@ -214,14 +212,53 @@ class InferenceService:
             info.runtime,
             info.device,
             ",".join(info.providers),
-        ).set(1)
+        )
+        new = ActiveVersion(
+            model, batcher, slot_metrics, SingleFlight(self._metrics, name), time.time(), labels
+        )
+        old, slot.spec, slot.active = slot.active, spec, new
+        slot.state, slot.error = "ready", None
+        self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
+        self._metrics.model_ready.labels(name).set(1)
+        self._metrics.model_info.labels(*labels).set(1)
         log.info(
             "model %s v%s ready (%s on %s) in %.2fs",
             name, ref.version, model.flavor, info.device, time.perf_counter() - started,
         )  # fmt: skip
         if old is not None:
-            await old.close()
+            await self._retire(old)
         return slot
+
+    async def add(self, name: str, uri: str) -> ModelSlot:
+        """Serve a new model, or an existing one from a new URI (admin API)."""
+        spec = ModelSpec.parse(f"{name}={uri}")
+        if spec.name in self._slots:
+            return await self.load(spec.name, spec.uri)
+        self._slots[spec.name] = ModelSlot(spec)
+        if self._default is None:
+            self._default = spec.name
+        return await self.load(spec.name)
+
+    async def remove(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed."""
+        slot = self.find(name)
+        del self._slots[name]
+        if self._default == name:
+            self._default = next(iter(self._slots), None)
+        with contextlib.suppress(KeyError):
+            self._metrics.model_ready.remove(name)
+        if slot.active is not None:
+            await self._retire(slot.active)
+
+    async def _retire(self, old: ActiveVersion) -> None:
+        """Drain an old version's queued requests, free it, and drop its per-version gauges."""
+        await old.close()
+        name, version = old.model.name, old.version
+        with contextlib.suppress(KeyError):
+            self._metrics.model_info.remove(*old.info_labels)
+        for gauge in (self._metrics.queue_rows, self._metrics.queue_capacity_rows):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name, version)
 
     async def close(self) -> None:
         self.shutting_down = True
@@ -273,9 +310,16 @@ class InferenceService:
             raise ModelLoadError(f"model {name} v{model.ref.version} failed warm-up: {exc.message}") from exc
         except Exception as exc:
             raise ModelLoadError(f"model {name} v{model.ref.version} failed warm-up: {exc!r}") from exc
-        for out in result.outputs.values():
+        where = f"model {name} v{model.ref.version}: warm-up output"
+        for i, out in enumerate(result.outputs.values()):
             if out.dtype.kind == "f" and not np.isfinite(out).all():
-                raise ModelLoadError(f"model {name} v{model.ref.version}: warm-up output has NaN or inf")
+                raise ModelLoadError(f"{where} has NaN or inf")
+            want = model.outputs[i].shape if i < len(model.outputs) else None
+            if want is not None and (
+                out.ndim != len(want)
+                or any(w >= 0 and g != w for w, g in zip(want[1:], out.shape[1:], strict=False))
+            ):
+                raise ModelLoadError(f"{where} has shape {list(out.shape)}, the signature says {list(want)}")
 
     # -- queries -----------------------------------------------------------------------------------
     def active(self, name: str | None) -> ActiveVersion:

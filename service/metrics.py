@@ -142,6 +142,13 @@ class Metrics:
             ["model", "stage"],
             registry=r,
         )
+        self.reloads = Counter(
+            "ferry_model_reloads_total",
+            "New versions seen by alias following or the admin API, by result: swapped (serving now) or "
+            "rejected (failed to load or warm up; the old version kept serving).",
+            ["model", "result"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "ferry_model_ready",
             "1 when the model is loaded, warmed up and serving; 0 otherwise.",

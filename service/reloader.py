@@ -1,0 +1,99 @@
+"""Alias following with zero downtime.
+
+Every ``FERRY_RELOAD__POLL_S`` seconds the reloader resolves each served model's URI. When an alias
+points at a new version, ``InferenceService.load`` loads and warms it up in the background and swaps it
+in atomically; the old version drains its queue and is freed. A version that fails to load or warm up
+is rejected (the old one keeps serving, readiness stays true, ``ferry_model_reloads_total`` and a log
+line say why) and is retried with exponential backoff; a different version (the alias moved again) is
+tried at once. Models that never loaded are retried the same way. A registry that does not answer is
+logged once per outage and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import dataclass
+
+from service.config import ReloadSettings
+from service.errors import FerryError
+from service.inference import InferenceService, ModelSlot
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Rejected:
+    version: str
+    failures: int
+    retry_at: float
+
+
+class Reloader:
+    """Polls the registry and swaps in new versions."""
+
+    def __init__(
+        self, service: InferenceService, registry: ModelRegistry, metrics: Metrics, settings: ReloadSettings
+    ) -> None:
+        self._service, self._registry, self._metrics = service, registry, metrics
+        self._settings = settings
+        self._rejected: dict[str, _Rejected] = {}
+        self._registry_down = False
+
+    async def run(self) -> None:
+        """Poll forever (cancel to stop)."""
+        while True:
+            await asyncio.sleep(self._settings.poll_s)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        for slot in self._service.slots():
+            if not self._service.shutting_down:
+                await self.check(slot)
+
+    async def check(self, slot: ModelSlot) -> str:
+        """Look up ``slot``'s URI once; returns what happened (for tests and logs)."""
+        try:
+            ref = await asyncio.to_thread(self._registry.resolve, slot.spec.uri)
+        except FerryError as exc:
+            if not self._registry_down:
+                log.warning("registry lookup failed, serving the loaded versions: %s", exc.message)
+            self._registry_down = True
+            return "registry-down"
+        if self._registry_down:
+            log.info("registry answers again")
+            self._registry_down = False
+        active = slot.active
+        if active is not None and active.version == ref.version:
+            self._rejected.pop(slot.name, None)
+            return "unchanged"
+        rejected = self._rejected.get(slot.name)
+        if rejected is not None and rejected.version == ref.version and time.monotonic() < rejected.retry_at:
+            return "backoff"
+        try:
+            await self._service.load(slot.name, ref=ref)
+        except FerryError as exc:
+            failures = rejected.failures + 1 if rejected and rejected.version == ref.version else 1
+            wait = min(self._settings.max_backoff_s, max(self._settings.poll_s, 1.0) * 2 ** (failures - 1))
+            self._rejected[slot.name] = _Rejected(ref.version, failures, time.monotonic() + wait)
+            self._metrics.reloads.labels(slot.name, "rejected").inc()
+            kept = f"v{active.version} keeps serving" if active is not None else "nothing serves it yet"
+            log.error(
+                "model %s v%s rejected (%s); %s; retry in %.0fs",
+                slot.name,
+                ref.version,
+                exc.message,
+                kept,
+                wait,
+            )
+            return "rejected"
+        self._rejected.pop(slot.name, None)
+        self._metrics.reloads.labels(slot.name, "swapped").inc()
+        gc.freeze()  # keep the new version's objects out of full collections too (see api/app.py)
+        previous = f" (was v{active.version})" if active is not None else ""
+        log.info("model %s now serves v%s%s", slot.name, ref.version, previous)
+        return "swapped"
