@@ -73,6 +73,15 @@ class CacheSettings(BaseModel):
     """Per-model overrides, JSON: ``{"image-cnn": {"ttl_s": 60}, "fraud": {"enabled": false}}``."""
 
 
+class LimitSettings(BaseModel):
+    """Bounds on what one request may ask for."""
+
+    max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024
+    """Largest request body (bytes); larger ones get 413 before their body is read."""
+    max_rows: Annotated[int, Field(gt=0)] = 65_536
+    """Most rows in one request; more get 413."""
+
+
 class ReloadSettings(BaseModel):
     """Following aliases: a moved alias is loaded, warmed up and swapped in without downtime."""
 
@@ -138,8 +147,14 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     admin_token: SecretStr | None = None
     """Bearer token of the admin API; unset turns the admin API off."""
+    api_keys: SecretStr | None = None
+    """Comma-separated API keys for the inference routes (``Authorization: Bearer`` or ``X-API-Key``);
+    unset: inference is open. Kept only as SHA-256 digests in memory."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated origins allowed by CORS (``*`` for any); empty: CORS off."""
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "cors_origins", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

@@ -5,9 +5,10 @@ Every protocol's error handler renders these in its own body shape.
 
 FerryError
 ├── BadRequest            400 bad_request          body is not JSON / not the expected structure
+├── Unauthorized          401 unauthorized         missing or invalid API key / admin token
 ├── InvalidInput          422 invalid_input        inputs do not match the model's signature
 ├── ModelNotFound         404 model_not_found      no such model (or version) is served
-├── PayloadTooLarge       413 payload_too_large
+├── PayloadTooLarge       413 payload_too_large    body or row count above the configured limits
 ├── NotReady              503 not_ready            the model is loading or shutting down
 ├── Overloaded            503 overloaded           the model's queue is full (Retry-After)
 ├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
@@ -37,6 +38,11 @@ class FerryError(Exception):
 class BadRequest(FerryError):
     status = HTTPStatus.BAD_REQUEST
     code = "bad_request"
+
+
+class Unauthorized(FerryError):
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
 
 
 class InvalidInput(FerryError):

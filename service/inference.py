@@ -29,6 +29,7 @@ from service.errors import (
     ModelNotFound,
     NotReady,
     Overloaded,
+    PayloadTooLarge,
 )
 from service.metrics import MAX_CLASS_LABELS, Metrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
@@ -163,6 +164,7 @@ class InferenceService:
             raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
         self._default = default
         self._timeout_s = settings.batch.timeout_ms / 1000
+        self._max_rows = settings.limits.max_rows
         self.shutting_down = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -231,7 +233,10 @@ class InferenceService:
 
     async def add(self, name: str, uri: str) -> ModelSlot:
         """Serve a new model, or an existing one from a new URI (admin API)."""
-        spec = ModelSpec.parse(f"{name}={uri}")
+        try:
+            spec = ModelSpec.parse(f"{name}={uri}")
+        except ConfigurationError as exc:
+            raise InvalidInput(exc.message, field="uri") from None
         if spec.name in self._slots:
             return await self.load(spec.name, spec.uri)
         self._slots[spec.name] = ModelSlot(spec)
@@ -432,6 +437,11 @@ class InferenceService:
         neither. Identical requests in flight at once run the model once.
         """
         started = started if started is not None else time.perf_counter()
+        if rows > self._max_rows:
+            raise PayloadTooLarge(
+                f"{rows} rows in one request; the limit is {self._max_rows} (FERRY_LIMITS__MAX_ROWS)",
+                rows=rows,
+            )
         model, cache = active.model, self._cache
         name, version = model.name, model.ref.version
         key = None

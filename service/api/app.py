@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -23,14 +24,16 @@ from prometheus_fastapi_instrumentator.metrics import Info
 
 from service import __version__
 from service.api import errors
+from service.api.auth import KeyRing
 from service.api.middleware import FastPath
-from service.api.routes import health, models, predict
+from service.api.routes import admin, health, mlflow, models, predict, v2
 from service.cache import build_cache
 from service.config import Settings
 from service.gpu import GpuCollector, load_nvml
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.registry import ModelRegistry
+from service.reloader import Reloader
 from service.runtime.torch import cuda_memory
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
             app.state.service = service
             loading = asyncio.create_task(_start(service), name="load-models")
             stack.push_async_callback(_cancel, loading)
+            if settings.reload.poll_s > 0:
+                reloader = Reloader(service, registry, metrics, settings.reload)
+                following = asyncio.create_task(reloader.run(), name="follow-aliases")
+                stack.push_async_callback(_cancel, following)
             yield
 
     app = FastAPI(
@@ -68,10 +75,29 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.state.metrics = metrics
     errors.install(app)
     _instrument_http(app, metrics)
-    app.add_middleware(FastPath, routes=list(predict.FAST_ROUTES), metrics=metrics)
+    fast_routes = [*predict.FAST_ROUTES, *v2.FAST_ROUTES, *mlflow.FAST_ROUTES]
+    app.add_middleware(
+        FastPath,
+        routes=fast_routes,
+        metrics=metrics,
+        keys=KeyRing(settings.api_keys),
+        max_body_bytes=settings.limits.max_body_bytes,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    if settings.admin_token is not None:
+        app.state.admin_keys = KeyRing(settings.admin_token, allow_api_key_header=False)
+        app.include_router(admin.router)
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
+    app.include_router(mlflow.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def scrape() -> Response:

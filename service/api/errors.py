@@ -1,5 +1,13 @@
-"""Error bodies: Ferry's own ``{"error": {"code", "message", "details"}}`` for every FerryError,
-framework validation error and unknown route; 5xx bodies stay generic, the details go to the log."""
+"""Error bodies, one shape per protocol, chosen by the request's path in ``error_response``:
+
+- Ferry's own: ``{"error": {"code", "message", "details"}}``;
+- Open Inference Protocol (``/v2/...``): ``{"error": "message"}``; input that does not match the model is
+  400 there (the protocol's convention, as KServe and Triton answer), not Ferry's 422;
+- MLflow scoring (``/invocations``, ``/models/{name}/invocations``, ``/ping``, ``/health``, ``/version``):
+  ``{"error_code": "BAD_REQUEST", "message": ...}`` with MLflow's codes, bad input 400 as MLflow answers.
+
+Every FerryError, framework validation error and unknown route goes through it; 5xx bodies stay generic,
+the details go to the log."""
 
 from __future__ import annotations
 
@@ -18,8 +26,52 @@ from service.errors import FerryError, InvalidInput
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
+MLFLOW_PATHS = frozenset({"/invocations", "/ping", "/health", "/version"})
+"""MLflow scoring server paths (besides ``/models/{name}/invocations``)."""
+
+_MLFLOW_CODES = {
+    "invalid_input": "INVALID_PARAMETER_VALUE",
+    "model_not_found": "RESOURCE_DOES_NOT_EXIST",
+    "not_found": "ENDPOINT_NOT_FOUND",
+    "payload_too_large": "REQUEST_LIMIT_EXCEEDED",
+}
+"""Ferry's code to MLflow's ``error_code`` (``mlflow.protos.databricks_pb2.ErrorCode`` names)..."""
+_MLFLOW_BY_STATUS = {
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "ENDPOINT_NOT_FOUND",
+    429: "REQUEST_LIMIT_EXCEEDED",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+"""...or, for the others, by HTTP status (then BAD_REQUEST for a 4xx, INTERNAL_ERROR for a 5xx)."""
+
+
+def protocol_of(path: str) -> str:
+    """``v2``, ``mlflow`` or ``ferry``: whose error body a request to ``path`` gets."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return "v2"
+    if path in MLFLOW_PATHS or (path.startswith("/models/") and path.endswith("/invocations")):
+        return "mlflow"
+    return "ferry"
+
+
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None, path: str = ""
+) -> Response:
+    """The error body of the protocol that ``path`` belongs to (Ferry's own when no path is given)."""
+    protocol = protocol_of(path)
+    body: dict[str, Any]
+    if protocol == "ferry":
+        body = {"error": {"code": code, "message": message, "details": details or {}}}
+    else:
+        if status == HTTPStatus.UNPROCESSABLE_ENTITY:
+            status = HTTPStatus.BAD_REQUEST
+        if protocol == "v2":
+            body = {"error": message}
+        else:
+            fallback = _MLFLOW_BY_STATUS.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+            body = {"error_code": _MLFLOW_CODES.get(code, fallback), "message": message}
     return Response(orjson.dumps(body, default=str), status_code=status, media_type="application/json")
 
 
@@ -31,10 +83,12 @@ async def ferry_error(request: Request, exc: Exception) -> Response:
         and exc.status != HTTPStatus.GATEWAY_TIMEOUT
     ):
         log.error("%s %s failed: %s", request.method, request.url.path, exc.message, exc_info=exc)
-    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response = error_response(exc.status, exc.code, exc.message, exc.details, request.url.path)
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
+    if exc.status == HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
@@ -45,13 +99,15 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         for e in exc.errors()
     ]
     message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid request"
-    return error_response(InvalidInput.status, InvalidInput.code, message, {"problems": problems})
+    return error_response(
+        InvalidInput.status, InvalidInput.code, message, {"problems": problems}, request.url.path
+    )
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    response = error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail), path=request.url.path)
     for key, value in (exc.headers or {}).items():
         response.headers[key] = value
     return response
@@ -59,7 +115,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error; the details are in the server log")
+    return error_response(
+        500,
+        "internal_error",
+        "internal server error; the details are in the server log",
+        path=request.url.path,
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -18,10 +18,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
-from service.errors import FerryError
+from service.api.auth import KeyRing
+from service.errors import FerryError, PayloadTooLarge
 from service.metrics import Metrics
 
 Endpoint = Callable[..., Awaitable[Response]]
@@ -30,9 +31,18 @@ Endpoint = Callable[..., Awaitable[Response]]
 class FastPath:
     """Dispatch ``(method, path template, endpoint)`` routes before FastAPI's router."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[tuple[str, str, Endpoint]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[tuple[str, str, Endpoint]],
+        metrics: Metrics,
+        keys: KeyRing,
+        max_body_bytes: int,
+    ) -> None:
         self.app = app
         self._metrics = metrics
+        self._keys = keys
+        self._max_body = max_body_bytes
         inprogress = metrics.http_inprogress
         self._exact: dict[tuple[str, str], _Route] = {}
         self._patterns: list[tuple[str, re.Pattern[str], _Route]] = []
@@ -45,11 +55,20 @@ class FastPath:
                 self._exact[(method, template)] = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            match = self._match(scope["method"], scope["path"])
-            if match is not None:
-                await self._serve(scope, receive, send, *match)
-                return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
+        match = self._match(scope["method"], scope["path"])
+        if match is not None:
+            await self._serve(scope, receive, send, *match)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self._max_body:
+            request = Request(scope, receive)
+            response = await errors.ferry_error(request, PayloadTooLarge(_too_large(self._max_body)))
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def _serve(
@@ -59,6 +78,11 @@ class FastPath:
         request = Request(scope, receive)
         route.inprogress.inc()
         try:
+            if self._keys.enabled:
+                self._keys.check(request)
+            declared = _content_length(scope)
+            if declared is not None and declared > self._max_body:
+                raise PayloadTooLarge(_too_large(self._max_body))  # before reading any of the body
             response = await route.endpoint(request, **params)
         except FerryError as exc:
             response = await errors.ferry_error(request, exc)
@@ -67,10 +91,9 @@ class FastPath:
         finally:
             route.inprogress.dec()
         await response(scope, receive, send)
-        length = request.headers.get("content-length")
         self._metrics.observe_http(
             route.template, scope["method"], response.status_code, time.perf_counter() - started,
-            int(length) if length and length.isdigit() else 0, len(response.body),
+            _content_length(scope) or 0, len(response.body),
         )  # fmt: skip
 
     def _match(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
@@ -81,6 +104,33 @@ class FastPath:
             if want == method and (m := pattern.fullmatch(path)):
                 return route, m.groupdict()
         return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes (FERRY_LIMITS__MAX_BODY_BYTES)"
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that stops a body (chunked ones too) as soon as it passes ``limit`` bytes."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(_too_large(limit))
+        return message
+
+    return bounded
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,240 @@
+"""The Open Inference Protocol's tensor codec: v2 datatypes, JSON and binary tensor data, to and from numpy.
+
+A request body is a JSON header, optionally followed by raw tensor bytes (the binary tensor data
+extension: the ``Inference-Header-Content-Length`` header gives the JSON part's length, each binary
+input carries ``parameters.binary_data_size``, in input order). Binary data is little-endian and
+row-major; ``BYTES`` elements are each a 4-byte little-endian length followed by the bytes; ``BOOL`` is
+one byte per element. Problems are ``InvalidInput`` (about one tensor: its name is in the message) or
+``BadRequest`` (about the body); both are 400 in this protocol's error body.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from service.errors import BadRequest, InvalidInput
+from service.runtime.base import TensorSpec
+from service.signature import check_array, check_finite
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+"""v2 datatype to numpy dtype (the byte order binary data arrives in)."""
+
+_BY_DTYPE = {(dtype.kind, dtype.itemsize): name for name, dtype in DATATYPES.items() if name != "BYTES"}
+# Which numpy kinds JSON data may decode to for each declared kind (ints are valid floats, not the reverse).
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "fiu"}
+_U32 = struct.Struct("<I")
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """The v2 datatype of a numpy dtype (strings and objects are ``BYTES``)."""
+    return _BY_DTYPE.get((dtype.kind, dtype.itemsize), "BYTES")
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """The JSON header and the binary part of a request body (a writable buffer, no copy per tensor)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not an integer") from None
+    if not 0 < length <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {length} is outside the body's {len(body)} bytes")
+    buffer = memoryview(bytearray(body))
+    return buffer[:length], buffer[length:]
+
+
+def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview) -> dict[str, np.ndarray]:
+    """The request's ``inputs`` to arrays checked against the model's signature, in signature order."""
+    if not isinstance(tensors, list) or not tensors:
+        raise InvalidInput("field 'inputs' must be a non-empty list of tensors", field="inputs")
+    by_name = {s.name: s for s in specs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, Mapping):
+            raise InvalidInput(f"inputs[{index}] must be an object with name, datatype, shape and data")
+        raw_name = tensor.get("name")
+        spec = by_name.get(raw_name) if isinstance(raw_name, str) else None
+        if spec is None:
+            raise InvalidInput(
+                f"unknown input {raw_name!r}; the model takes {sorted(by_name)}",
+                unknown=raw_name,
+                expected=sorted(by_name),
+            )
+        name = spec.name
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} is given twice", input=name)
+        datatype, shape = _datatype(name, tensor.get("datatype")), _shape(name, tensor.get("shape"))
+        size = _parameters(f"input {name!r}", tensor.get("parameters")).get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size} goes past the {len(binary)} bytes of binary "
+                    f"data after the JSON header (Inference-Header-Content-Length)",
+                    input=name,
+                )
+            array = decode_binary(name, datatype, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in tensor:
+            array = decode_json(name, datatype, shape, tensor["data"])
+        else:
+            raise InvalidInput(
+                f"input {name!r} has neither 'data' nor parameters.binary_data_size", input=name
+            )
+        arrays[name] = check_array(spec, array)
+        if size is not None:  # JSON cannot carry NaN or infinity; refuse them in binary data alike
+            check_finite(spec, arrays[name])
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the inputs' binary_data_size add up to {offset} bytes but {len(binary)} bytes of binary data "
+            "follow the JSON header"
+        )
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing}", missing=missing)
+    return {s.name: arrays[s.name] for s in specs}
+
+
+def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    """JSON ``data`` (flat row-major, or nested to ``shape``) to an array of ``datatype`` and ``shape``."""
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r}: 'data' must be a list, got {type(data).__name__}", input=name)
+    dtype, count = DATATYPES[datatype], math.prod(shape)
+    try:
+        array = np.array(data, dtype=object if datatype == "BYTES" else None)
+    except ValueError:
+        raise InvalidInput(f"input {name!r}: nested 'data' is ragged", input=name) from None
+    if array.size != count:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} holds {count} values but 'data' has {array.size}",
+            input=name,
+            expected=count,
+            received=int(array.size),
+        )
+    array = array.reshape(shape)
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in array.flat):
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings", input=name)
+        return array
+    if count == 0:
+        return array.astype(dtype)
+    if array.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        got = {"U": "strings", "O": "null, out-of-range or mixed values"}.get(
+            array.dtype.kind, array.dtype.name
+        )
+        raise InvalidInput(f"input {name!r}: datatype {datatype} but 'data' holds {got}", input=name)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}", input=name)
+    elif dtype.kind == "f" and array.dtype.itemsize > dtype.itemsize:
+        with np.errstate(over="ignore"):
+            narrowed = array.astype(dtype)
+        if not np.isfinite(narrowed).all():
+            raise InvalidInput(f"input {name!r}: a value is too large for {datatype}", input=name)
+        return narrowed
+    return array.astype(dtype, copy=False)
+
+
+def decode_binary(name: str, datatype: str, shape: list[int], blob: memoryview) -> np.ndarray:
+    """Raw little-endian bytes (or length-prefixed ``BYTES`` elements) to an array of ``shape``."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        values: list[bytes] = []
+        offset = 0
+        while offset < len(blob):
+            if offset + 4 > len(blob):
+                raise InvalidInput(f"input {name!r}: BYTES element {len(values)} is cut short", input=name)
+            (length,) = _U32.unpack_from(blob, offset)
+            if offset + 4 + length > len(blob):
+                raise InvalidInput(f"input {name!r}: BYTES element {len(values)} is cut short", input=name)
+            values.append(bytes(blob[offset + 4 : offset + 4 + length]))
+            offset += 4 + length
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} holds {count} values but the binary data has {len(values)}",
+                input=name,
+            )
+        array = np.empty(count, dtype=object)
+        array[:] = values
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    if len(blob) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes but "
+            f"binary_data_size is {len(blob)}",
+            input=name,
+            expected=count * dtype.itemsize,
+            received=len(blob),
+        )
+    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+
+
+def encode_json(array: np.ndarray) -> Any:
+    """Flat row-major ``data`` for a JSON response (a numpy array, which orjson writes natively)."""
+    if array.dtype.kind in "biuf":
+        return np.ascontiguousarray(array).reshape(-1)
+    return [
+        v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1).tolist()
+    ]
+
+
+def encode_binary(array: np.ndarray) -> bytes:
+    """Raw bytes of an output (little-endian; ``BYTES`` elements length-prefixed)."""
+    if array.dtype.kind in "biuf":
+        return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    parts: list[bytes] = []
+    for value in array.reshape(-1).tolist():
+        data = value if isinstance(value, bytes) else str(value).encode()
+        parts += (_U32.pack(len(data)), data)
+    return b"".join(parts)
+
+
+def _datatype(name: str, value: Any) -> str:
+    if value not in DATATYPES:
+        raise InvalidInput(
+            f"input {name!r}: datatype {value!r} is not one of {list(DATATYPES)}",
+            input=name,
+            field="datatype",
+        )
+    return str(value)
+
+
+def _shape(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise InvalidInput(
+            f"input {name!r}: shape must be a list of non-negative integers, got {value!r}", input=name
+        )
+    return value
+
+
+def _parameters(owner: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{owner}: parameters must be an object")
+    return value
