@@ -213,7 +213,7 @@ def encode_binary(array: np.ndarray) -> bytes:
 
 
 def _datatype(name: str, value: Any) -> str:
-    if value not in DATATYPES:
+    if not isinstance(value, str) or value not in DATATYPES:
         raise InvalidInput(
             f"input {name!r}: datatype {value!r} is not one of {list(DATATYPES)}",
             input=name,

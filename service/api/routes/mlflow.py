@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from service.api.deps import cache_control, service_of
 from service.api.frames import csv_inputs, json_payload, payload_inputs
@@ -70,14 +70,16 @@ FAST_ROUTES: list[tuple[str, str, Endpoint]] = [
 """Served by ``FastPath`` without FastAPI's per-route machinery."""
 
 
-@router.get("/ping", summary="200 when every model is ready (MLflow protocol)")
-@router.get("/health", summary="Same as /ping (MLflow protocol)")
+@router.get(
+    "/ping", summary="200 when every model is ready (MLflow protocol)", response_class=PlainTextResponse
+)
+@router.get("/health", summary="Same as /ping (MLflow protocol)", response_class=PlainTextResponse)
 async def ping(request: Request) -> Response:
     service: InferenceService | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready():
         states = {s.name: s.state for s in service.slots()} if service is not None else {}
         raise NotReady(f"not ready: {states}" if states else "the service is starting")
-    return Response(b"\n", media_type="application/json")
+    return PlainTextResponse("\n")  # MLflow answers a bare newline; clients read the status only
 
 
 @router.get("/version", summary="The MLflow version (MLflow protocol)")
