@@ -38,10 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("register-demo", help="train and register the demo models (idempotent)")
     demo.add_argument("--models-dir", default="models", help="folder holding register.py (default: models)")
 
+    bench = commands.add_parser(
+        "bench", help="side-by-side benchmark (loadtests/bench.py; same as make bench)"
+    )
+    bench.add_argument("--loadtests-dir", default="loadtests", help="folder holding bench.py")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench.py (see --help)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return _register_demo(Path(args.models_dir))
+    if args.command == "bench":
+        return int(_run_script(Path(args.loadtests_dir) / "bench.py", "main", args.bench_args) or 0)
+    logs.configure("info", os.environ.get("FERRY_LOG_FORMAT", "text"))
+    return int(_run_script(Path(args.models_dir) / "register.py", "main") or 0)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,7 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     if not settings.models:
-        log.error("no models configured: set FERRY_MODELS or pass --model models:/NAME@ALIAS")
+        print(
+            "ferry: no models configured: set FERRY_MODELS or pass --model models:/NAME@ALIAS",
+            file=sys.stderr,
+        )
         return 2
     from service.api.app import create_app
 
@@ -108,17 +120,16 @@ class GracefulServer(uvicorn.Server):
         timer.start()
 
 
-def _register_demo(models_dir: Path) -> int:
-    logs.configure("info", os.environ.get("FERRY_LOG_FORMAT", "text"))
-    script = models_dir / "register.py"
+def _run_script(script: Path, function: str, *args: Any) -> Any:
+    """Run ``function`` of a repository script (``models/register.py``, ``loadtests/bench.py``): they
+    live beside the package, not in it, so an installed Ferry carries no demo or benchmark code."""
     if not script.exists():
-        log.error("%s not found: run from the repository root or pass --models-dir", script)
+        print(f"ferry: {script} not found: run from the repository root or pass its folder", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("ferry_demo_models", script)
+    spec = importlib.util.spec_from_file_location(f"ferry_{script.stem}", script)
     if spec is None or spec.loader is None:
         raise RuntimeError(f"cannot import {script}")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(models_dir.resolve()))
+    sys.path.insert(0, str(script.parent.resolve()))
     spec.loader.exec_module(module)
-    module.main()
-    return 0
+    return getattr(module, function)(*args)
