@@ -301,7 +301,7 @@ def _make_invocations(text: str) -> set[str]:
     return {
         t
         for args in re.findall(r"(?:^|[\s;&|`(])make\s+([^\n`;&|)]*)", text, re.MULTILINE)
-        for t in args.split()
+        for t in args.split("#")[0].split()
         if not t.startswith("-") and "=" not in t and re.fullmatch(r"[a-z][\w.-]*", t)
     }
 
