@@ -37,6 +37,8 @@ class BatchObserver(Protocol):
 
     def queue(self, rows: int) -> None: ...
 
+    def failed(self, requests: int) -> None: ...
+
 
 @dataclass(slots=True)
 class BatchResult:
@@ -199,6 +201,8 @@ class Batcher:
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         log.error("model call failed for a batch of %d request(s): %r", len(batch), exc, exc_info=exc)
+        if self._observer:
+            self._observer.failed(len(batch))
         error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("the model failed on this batch")
         for p in batch:
             if not p.future.done():

@@ -31,7 +31,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from service.metrics import MAX_CLASS_LABELS, Metrics
+from service.metrics import Metrics, ModelMetrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
 from service.signature import decode_inputs
 
@@ -48,74 +48,13 @@ class Prediction:
     cache: str = "miss"
 
 
-class _SlotMetrics:
-    """The metric children of one model version, looked up once (label lookups are not free)."""
-
-    def __init__(self, metrics: Metrics, name: str, version: str, classes: int) -> None:
-        duration = metrics.inference_duration
-        self.queue_s = duration.labels(name, version, "queue")
-        self.compute_s = duration.labels(name, version, "compute")
-        self.total_s = duration.labels(name, version, "total")
-        self.batch_rows = metrics.batch_rows.labels(name, version)
-        self.queue_rows = metrics.queue_rows.labels(name, version)
-        self.invalid = metrics.rejected.labels(name, "invalid_input")
-        self.overload = metrics.rejected.labels(name, "overload")
-        self.timeout = metrics.rejected.labels(name, "timeout")
-        self.failures = metrics.failures.labels(name, version)
-        self._metrics, self._name, self._version = metrics, name, version
-        self.classes = [
-            metrics.predicted_class.labels(name, version, str(i))
-            for i in range(min(classes, MAX_CLASS_LABELS))
-        ]
-        self.other_class = (
-            metrics.predicted_class.labels(name, version, "other") if classes > MAX_CLASS_LABELS else None
-        )
-        self.output_value = metrics.output_value.labels(name, version)
-        self._protocols: dict[str, tuple[Any, Any]] = {}
-
-    def answered(self, protocol: str, rows: int) -> None:
-        pair = self._protocols.get(protocol)
-        if pair is None:
-            m = self._metrics
-            pair = (
-                m.requests.labels(self._name, self._version, protocol),
-                m.rows.labels(self._name, self._version, protocol),
-            )
-            self._protocols[protocol] = pair
-        pair[0].inc()
-        pair[1].inc(rows)
-
-    # BatchObserver
-    def batch(self, rows: int, compute_s: float) -> None:
-        self.batch_rows.observe(rows)
-
-    def queue(self, rows: int) -> None:
-        self.queue_rows.set(rows)
-
-    def outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Drift summary of a batch (runs in the worker thread, off the event loop)."""
-        first = next(iter(outputs.values()), None)
-        if first is None or first.ndim == 0 or first.dtype.kind != "f":
-            return
-        if self.classes and first.ndim == 2:
-            counts = np.bincount(first.argmax(axis=1), minlength=first.shape[1])
-            for index, count in enumerate(counts.tolist()):
-                if count:
-                    child = self.classes[index] if index < len(self.classes) else self.other_class
-                    if child is not None:
-                        child.inc(count)
-        else:
-            for value in first.reshape(first.shape[0], -1)[:64, 0].tolist():
-                self.output_value.observe(value)
-
-
 @dataclass(frozen=True, slots=True)
 class ActiveVersion:
     """A loaded, warmed-up model version with the batcher in front of it; swapped in as one reference."""
 
     model: LoadedModel
     batcher: Batcher
-    metrics: _SlotMetrics
+    metrics: ModelMetrics
     flights: SingleFlight
     loaded_at: float
     info_labels: tuple[str, ...]
@@ -274,13 +213,13 @@ class InferenceService:
                 await slot.active.close()
             slot.state = "stopped"
 
-    def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, _SlotMetrics]:
+    def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, ModelMetrics]:
         batch = self._settings.batch
         first = model.outputs[0] if model.outputs else None
         classes = (
             first.shape[-1] if first is not None and len(first.shape) == 2 and first.shape[-1] > 1 else 0
         )
-        slot_metrics = _SlotMetrics(self._metrics, name, model.ref.version, classes)
+        slot_metrics = ModelMetrics(self._metrics, name, model.ref.version, classes)
         self._metrics.queue_capacity_rows.labels(name, model.ref.version).set(batch.queue_rows)
         runtime = model.runtime
 

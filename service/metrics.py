@@ -7,8 +7,10 @@ input value. Units are base units (seconds, bytes, ratios) as Prometheus naming 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -234,3 +236,68 @@ class Metrics:
         children[1].observe(seconds)
         children[2].observe(request_bytes)
         children[3].observe(response_bytes)
+
+
+class ModelMetrics:
+    """The metric children of one model version, looked up once (label lookups are not free); the
+    batcher reports to it as its ``BatchObserver``."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str, classes: int) -> None:
+        duration = metrics.inference_duration
+        self.queue_s = duration.labels(name, version, "queue")
+        self.compute_s = duration.labels(name, version, "compute")
+        self.total_s = duration.labels(name, version, "total")
+        self.batch_rows = metrics.batch_rows.labels(name, version)
+        self.queue_rows = metrics.queue_rows.labels(name, version)
+        self.invalid = metrics.rejected.labels(name, "invalid_input")
+        self.overload = metrics.rejected.labels(name, "overload")
+        self.timeout = metrics.rejected.labels(name, "timeout")
+        self.failures = metrics.failures.labels(name, version)
+        self._metrics, self._name, self._version = metrics, name, version
+        self.classes = [
+            metrics.predicted_class.labels(name, version, str(i))
+            for i in range(min(classes, MAX_CLASS_LABELS))
+        ]
+        self.other_class = (
+            metrics.predicted_class.labels(name, version, "other") if classes > MAX_CLASS_LABELS else None
+        )
+        self.output_value = metrics.output_value.labels(name, version)
+        self._protocols: dict[str, tuple[Any, Any]] = {}
+
+    def answered(self, protocol: str, rows: int) -> None:
+        pair = self._protocols.get(protocol)
+        if pair is None:
+            m = self._metrics
+            pair = (
+                m.requests.labels(self._name, self._version, protocol),
+                m.rows.labels(self._name, self._version, protocol),
+            )
+            self._protocols[protocol] = pair
+        pair[0].inc()
+        pair[1].inc(rows)
+
+    # BatchObserver
+    def batch(self, rows: int, compute_s: float) -> None:
+        self.batch_rows.observe(rows)
+
+    def queue(self, rows: int) -> None:
+        self.queue_rows.set(rows)
+
+    def failed(self, requests: int) -> None:
+        self.failures.inc()
+
+    def outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Drift summary of a batch (runs in the worker thread, off the event loop)."""
+        first = next(iter(outputs.values()), None)
+        if first is None or first.ndim == 0 or first.dtype.kind != "f":
+            return
+        if self.classes and first.ndim == 2:
+            counts = np.bincount(first.argmax(axis=1), minlength=first.shape[1])
+            for index, count in enumerate(counts.tolist()):
+                if count:
+                    child = self.classes[index] if index < len(self.classes) else self.other_class
+                    if child is not None:
+                        child.inc(count)
+        else:
+            for value in first.reshape(first.shape[0], -1)[:64, 0].tolist():
+                self.output_value.observe(value)

@@ -166,12 +166,28 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
             raise RuntimeError("boom")
         return {"y": inputs["x"] * 2}
 
-    batcher = Batcher(flaky, max_rows=1, queue_rows=64)
+    class Observer:
+        def __init__(self) -> None:
+            self.failed_batches: list[int] = []
+            self.batches: list[int] = []
+
+        def batch(self, rows: int, compute_s: float) -> None:
+            self.batches.append(rows)
+
+        def queue(self, rows: int) -> None:
+            pass
+
+        def failed(self, requests: int) -> None:
+            self.failed_batches.append(requests)
+
+    observer = Observer()
+    batcher = Batcher(flaky, max_rows=1, queue_rows=64, observer=observer)
     bad, good = await asyncio.gather(
         batcher.submit(rows(-1), 1, 5), batcher.submit(rows(4), 1, 5), return_exceptions=True
     )
     assert isinstance(bad, InferenceFailed) and "failed" in bad.message
     assert not isinstance(good, BaseException) and good.outputs["y"].item() == 8
+    assert observer.failed_batches == [1] and observer.batches == [1]
     await batcher.close()
 
 
