@@ -6,6 +6,7 @@ Every protocol's error handler renders these in its own body shape.
 FerryError
 ├── BadRequest            400 bad_request          body is not JSON / not the expected structure
 ├── Unauthorized          401 unauthorized         missing or invalid API key / admin token
+├── UnsupportedMediaType  415 unsupported_media_type  a content type the protocol does not take
 ├── InvalidInput          422 invalid_input        inputs do not match the model's signature
 ├── ModelNotFound         404 model_not_found      no such model (or version) is served
 ├── PayloadTooLarge       413 payload_too_large    body or row count above the configured limits
@@ -43,6 +44,11 @@ class BadRequest(FerryError):
 class Unauthorized(FerryError):
     status = HTTPStatus.UNAUTHORIZED
     code = "unauthorized"
+
+
+class UnsupportedMediaType(FerryError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_media_type"
 
 
 class InvalidInput(FerryError):

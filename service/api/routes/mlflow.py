@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -24,18 +23,13 @@ from fastapi.responses import PlainTextResponse, Response
 from service.api.deps import cache_control, service_of
 from service.api.frames import csv_inputs, json_payload, payload_inputs
 from service.api.middleware import Endpoint
-from service.errors import BadRequest, InvalidInput, NotReady
+from service.errors import InvalidInput, NotReady, UnsupportedMediaType
 from service.inference import InferenceService, Prediction
 from service.schemas import mlflow as schema
 from service.schemas.v2 import inline_schema
 from service.signature import decode_inputs
 
 router = APIRouter(tags=["mlflow scoring protocol"])
-
-
-class UnsupportedMediaType(BadRequest):
-    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-    code = "unsupported_media_type"
 
 
 _DOC: dict[str, Any] = {
