@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib.util
 import logging
@@ -84,8 +85,40 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(max(settings.shutdown.grace_s, 1.0) * 2),
     )
     server = GracefulServer(config, app, settings.shutdown.grace_s)
-    server.run()
+    if settings.metrics_port is None:
+        server.run()
+    else:
+        asyncio.run(_serve_with_ops(server, app, settings))
     return 0 if server.started else 1
+
+
+async def _serve_with_ops(server: GracefulServer, app: Any, settings: Any) -> None:
+    """The main server plus the operations routes on ``FERRY_METRICS_PORT``, in one event loop; the
+    main server owns the signals and the lifespan, the operations server stops after it."""
+    from service.api.app import create_ops_app
+
+    ops = _OpsServer(
+        uvicorn.Config(
+            create_ops_app(app),
+            host=settings.host,
+            port=settings.metrics_port,
+            access_log=False,
+            log_config=None,
+            lifespan="off",
+        )
+    )
+    ops_task = asyncio.create_task(ops.serve())
+    try:
+        await server.serve()
+    finally:
+        ops.should_exit = True
+        await ops_task
+
+
+class _OpsServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the main server handles signals
+        yield
 
 
 class GracefulServer(uvicorn.Server):

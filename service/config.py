@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     """Address to listen on."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     """TCP port to listen on (0: any free port)."""
+    metrics_port: Annotated[int, Field(gt=0, le=65535)] | None = None
+    """Serve ``/metrics`` and ``/health/*`` on this port instead of ``port`` (unset: on ``port``)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level."""
     log_format: Literal["text", "json"] = "text"

@@ -17,8 +17,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator.metrics import Info
 
@@ -95,15 +93,19 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         app.include_router(admin.router)
     app.include_router(predict.router)
     app.include_router(models.router)
-    app.include_router(health.router)
+    if settings.metrics_port is None:
+        app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(mlflow.router)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def scrape() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     return app
+
+
+def create_ops_app(app: FastAPI) -> FastAPI:
+    """``/health/*`` and ``/metrics`` alone, sharing ``app``'s state, for ``FERRY_METRICS_PORT``."""
+    ops = FastAPI(title="Ferry operations", openapi_url=None, docs_url=None, redoc_url=None)
+    ops.state = app.state
+    ops.include_router(health.router)
+    return ops
 
 
 def _instrument_http(app: FastAPI, metrics: Metrics) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -160,3 +161,33 @@ def test_cors_only_for_configured_origins(guarded: Server, ferry_server: Server)
     assert "access-control-allow-origin" not in r.headers
     r = httpx.get(f"{ferry_server.url}/models", headers={"Origin": "https://app.example"})
     assert "access-control-allow-origin" not in r.headers  # CORS off unless configured
+
+
+def test_metrics_and_health_can_move_to_their_own_port(registry: Registry, tmp_path: Path) -> None:
+    from conftest import free_port
+
+    ops_port = free_port()
+    server = start_server(
+        registry,
+        "linear=models:/linear@champion",
+        tmp_path,
+        {"FERRY_METRICS_PORT": str(ops_port)},
+        wait_ready=False,
+    )
+    ops = f"http://127.0.0.1:{ops_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{ops}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert httpx.post(f"{server.url}/predict", json=ROW).status_code == 200
+        assert "ferry_inference_requests_total" in httpx.get(f"{ops}/metrics").text
+        assert httpx.get(f"{server.url}/metrics").status_code == 404
+        assert httpx.get(f"{server.url}/health/ready").status_code == 404
+        assert httpx.post(f"{ops}/predict", json=ROW).status_code in {404, 405}
+    finally:
+        assert stop_server(server) == 0

@@ -1,10 +1,13 @@
-"""``/health/live`` (the process answers) and ``/health/ready`` (every model loaded and warmed up)."""
+"""``/health/live`` (the process answers), ``/health/ready`` (every model loaded and warmed up) and
+``/metrics``: the operations routes, served on the main port or, with ``FERRY_METRICS_PORT``, on their
+own."""
 
 from __future__ import annotations
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.schemas.predict import ModelState
 
@@ -31,3 +34,8 @@ async def ready(request: Request) -> Response:
         status = "ready" if ok else ("shutting_down" if service.shutting_down else "not_ready")
         body = {"status": status, "models": {s.name: s.state for s in service.slots()}}
     return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+
+@router.get("/metrics", include_in_schema=False)
+async def scrape(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
