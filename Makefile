@@ -28,8 +28,8 @@ serve: register-demo
 	FERRY_MODELS="$${FERRY_MODELS:-$(DEMO_MODELS)}" $(PY) -m service serve --host $(HOST) --port $(PORT)
 
 lint: install
-	$(VENV)/bin/ruff check service tests models
-	$(VENV)/bin/ruff format --check service tests models
+	$(VENV)/bin/ruff check service tests models loadtests
+	$(VENV)/bin/ruff format --check service tests models loadtests
 	$(VENV)/bin/mypy
 
 test: install tools lint
@@ -48,8 +48,17 @@ loadtest-smoke: install tools
 	$(VENV)/bin/pytest tests/perf -q
 
 fmt: install
-	$(VENV)/bin/ruff format service tests models
-	$(VENV)/bin/ruff check --fix service tests models
+	$(VENV)/bin/ruff format service tests models loadtests
+	$(VENV)/bin/ruff check --fix service tests models loadtests
 
 clean:
 	rm -rf $(VENV) .ferry .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmark (docs/benchmarks.md, bench/results/) and the gated Locust run (loadtests/reports/).
+# Extra arguments: make bench BENCH_ARGS="--duration 5 --warmup 2"; make loadtest LOADTEST_ARGS="--duration 60".
+.PHONY: bench loadtest
+bench: register-demo tools
+	$(PY) loadtests/bench.py --duration 20 --warmup 5 --docs docs/benchmarks.md $(BENCH_ARGS)
+
+loadtest: register-demo tools
+	$(PY) loadtests/loadtest.py --profile full --duration 45 --floor-duration 15 --users 32 --reports loadtests/reports $(LOADTEST_ARGS)
