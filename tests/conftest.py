@@ -293,3 +293,13 @@ def ferry_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -
     server = start_server(registry, DEFAULT_MODELS, tmp_path_factory.mktemp("ferry"))
     yield server
     stop_server(server)
+
+
+def fault_summary(fault: str, statuses: list[int], latencies_s: list[float]) -> str:
+    """One line for the reliability report: requests sent, failed (non-200), p99 while the fault ran.
+    Printed, so ``pytest -s -k 'reload or shutdown or killed'`` gives the fault table."""
+    failed = sum(1 for s in statuses if s != 200)
+    p99 = float(np.percentile(latencies_s, 99)) * 1000 if latencies_s else float("nan")
+    line = f"FAULT {fault}: sent={len(statuses)} failed={failed} p99={p99:.1f}ms"
+    print(line)
+    return line

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import RedisServer, Registry, Server, start_server, stop_server
+from conftest import RedisServer, Registry, Server, fault_summary, start_server, stop_server
 from service.cache import cache_key
 
 pytestmark = [
@@ -116,14 +116,23 @@ async def test_redis_killed_under_load_then_restarted(redis_ferry: Server, redis
     rows = rng.integers(-20, 20, size=(200, 4)).astype(float).tolist()
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=redis_ferry.url, timeout=60, limits=limits) as client:
+        latencies: list[float] = []
 
         async def one(row: list[float]) -> httpx.Response:
-            return await client.post("/predict", json={"model": "linear", "inputs": [row]})
+            started = time.perf_counter()
+            response = await client.post("/predict", json={"model": "linear", "inputs": [row]})
+            latencies.append(time.perf_counter() - started)
+            return response
 
         tasks = [asyncio.create_task(one(row)) for row in rows]
         await asyncio.sleep(0.05)
         redis_server.kill()  # while the 200 requests are in flight
         responses = await asyncio.gather(*tasks)
+        fault_summary(
+            "redis-server SIGKILLed under 200 concurrent requests",
+            [r.status_code for r in responses],
+            latencies,
+        )
         assert [r.status_code for r in responses] == [200] * 200
         for row, response in zip(rows, responses, strict=True):
             assert response.json()["outputs"] == [[2 * sum(row) + 1] * 3]

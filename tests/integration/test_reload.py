@@ -19,7 +19,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from test_api import metric
 
-from conftest import Registry, Server, linear_module, log_torch, start_server, stop_server
+from conftest import Registry, Server, fault_summary, linear_module, log_torch, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 EXAMPLE = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -91,6 +91,7 @@ class Load:
     def __init__(self, url: str) -> None:
         self.url, self.stop = url, threading.Event()
         self.results: list[tuple[int, str]] = []
+        self.latencies: list[float] = []
         self.wrong: list[str] = []
         self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(8)]
 
@@ -98,7 +99,9 @@ class Load:
         weights = {"1": 2, "2": 3}
         with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self.stop.is_set():
+                started = time.perf_counter()
                 r = http.post("/predict", json={"inputs": [[i, 1, 0, 0]]})
+                self.latencies.append(time.perf_counter() - started)
                 version = r.headers.get("X-Model-Version", "")
                 self.results.append((r.status_code, version))
                 if r.status_code == 200 and r.json()["outputs"] != [[weights[version] * (i + 1) + 1.0] * 3]:
@@ -140,6 +143,11 @@ def test_good_version_swaps_in_under_load_then_broken_ones_are_rejected(
                                model="follow", result="rejected") >= int(broken) - 2
             )  # fmt: skip
         time.sleep(0.5)
+    fault_summary(
+        "alias moved v1->v2, then to 3 broken versions, 8 clients",
+        [s for s, _ in load.results],
+        load.latencies,
+    )
     statuses = {s for s, _ in load.results}
     assert statuses == {200}, f"failed requests during swaps: {statuses}"
     assert not load.wrong, load.wrong[:3]
