@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -255,13 +256,14 @@ def start_server(
     return server
 
 
-def wait_until_ready(server: Server, timeout_s: float = 120.0) -> None:
+def wait_until_ready(server: Server, timeout_s: float = 120.0, ops_url: str | None = None) -> None:
+    """Until ``/health/ready`` (on ``ops_url`` when the operations routes have their own port) says 200."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"ferry exited with {server.process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{ops_url or server.url}/health/ready", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -303,3 +305,18 @@ def fault_summary(fault: str, statuses: list[int], latencies_s: list[float]) -> 
     line = f"FAULT {fault}: sent={len(statuses)} failed={failed} p99={p99:.1f}ms"
     print(line)
     return line
+
+
+class FakeClock:
+    """A clock the test moves by hand (``clock.now += 5``), for TTLs and the cache's breaker."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state_of(breaker: Any) -> Any:
+    """A breaker's state, read through a call so that mypy does not narrow it between steps."""
+    return breaker.state

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RedisServer, free_port
+from conftest import FakeClock, RedisServer, free_port, state_of
 from service.cache import (
     BreakerState,
-    CircuitBreaker,
     RedisCache,
     TieredCache,
     build_cache,
@@ -36,19 +35,6 @@ pytestmark = [
 ]
 
 TIMEOUT_MS = 50.0
-
-
-def state_of(breaker: CircuitBreaker) -> BreakerState:
-    """The breaker's state, read through a call so that mypy does not narrow it between steps."""
-    return breaker.state
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

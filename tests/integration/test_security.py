@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Registry, Server, start_server, stop_server
+from conftest import Registry, Server, start_server, stop_server, wait_until_ready
 
 pytestmark = pytest.mark.integration
 KEY, ADMIN = "k3y-for-tests", "adm1n-token-for-tests"
@@ -176,14 +176,7 @@ def test_metrics_and_health_can_move_to_their_own_port(registry: Registry, tmp_p
     )
     ops = f"http://127.0.0.1:{ops_port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{ops}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(server, ops_url=ops)
         assert httpx.post(f"{server.url}/predict", json=ROW).status_code == 200
         assert "ferry_inference_requests_total" in httpx.get(f"{ops}/metrics").text
         assert httpx.get(f"{server.url}/metrics").status_code == 404

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from conftest import FakeClock, state_of
 from service.cache import (
     BreakerState,
     CircuitBreaker,
@@ -35,19 +36,6 @@ from service.cache import (
 from service.config import CacheSettings, ModelCacheSettings, Settings
 from service.errors import ConfigurationError
 from service.metrics import Metrics
-
-
-def state_of(breaker: CircuitBreaker) -> BreakerState:
-    """The breaker's state, read through a call so that mypy does not narrow it between steps."""
-    return breaker.state
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeRedis:
