@@ -11,6 +11,7 @@ FerryError
 ├── ModelNotFound         404 model_not_found      no such model (or version) is served
 ├── PayloadTooLarge       413 payload_too_large    body or row count above the configured limits
 ├── NotReady              503 not_ready            the model is loading or shutting down
+├── RegistryUnavailable   503 registry_unavailable  MLflow did not answer (the loaded versions keep serving)
 ├── Overloaded            503 overloaded           the model's queue is full (Retry-After)
 ├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
 ├── ModelLoadError        500 model_load_failed    a model version could not be loaded or warmed up
@@ -70,6 +71,12 @@ class NotReady(FerryError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "not_ready"
     retry_after_s: int = 5
+
+
+class RegistryUnavailable(FerryError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "registry_unavailable"
+    retry_after_s: int = 10
 
 
 class Overloaded(FerryError):

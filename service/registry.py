@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.errors import ConfigurationError, ModelLoadError, ModelNotFound
+from service.errors import ConfigurationError, ModelLoadError, ModelNotFound, RegistryUnavailable
 from service.runtime.base import Runtime, TensorSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ class ModelRegistry:
         from mlflow.tracking import MlflowClient
 
         self._settings = settings
+        # MLflow retries an unreachable server for minutes by default; a look-up that fails should fail
+        # in seconds, so the reloader reports it and tries again at its next poll. Explicit settings win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self._client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
         mlflow.set_tracking_uri(settings.tracking_uri)
         if settings.registry_uri:
@@ -110,7 +114,12 @@ class ModelRegistry:
             else:
                 version = self._client.get_model_version(name, version).version
         except MlflowException as exc:
-            raise ModelNotFound(f"MLflow has no model version for {uri!r}: {exc.message}", uri=uri) from exc
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                message = f"MLflow has no model version for {uri!r}: {exc.message}"
+                raise ModelNotFound(message, uri=uri) from exc
+            raise RegistryUnavailable(f"MLflow registry did not answer for {uri!r}: {exc.message}") from exc
+        except Exception as exc:  # driver errors of a sqlite/Postgres store, network errors
+            raise RegistryUnavailable(f"MLflow registry failed for {uri!r}: {exc!r}") from exc
         return ModelRef(uri=uri, alias=alias, version=str(version), download_uri=f"models:/{name}/{version}")
 
     def load(self, name: str, ref: ModelRef) -> LoadedModel:

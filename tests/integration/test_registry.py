@@ -9,7 +9,7 @@ import pytest
 
 from conftest import Registry
 from service.config import Settings
-from service.errors import ModelNotFound
+from service.errors import ModelNotFound, RegistryUnavailable
 from service.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
@@ -56,3 +56,13 @@ def test_onnx_model_loads_with_onnx_runtime_and_is_cached_on_disk(
     assert (tmp_path / "linear-onnx" / "1" / "MLmodel").exists()
     again = models.load("linear-onnx", models.resolve("models:/linear-onnx/1"))  # from the local copy
     assert again.runtime.predict_batch({"input": X})["output"].tolist() == [[21.0] * 3]
+
+
+def test_unreachable_registry_fails_fast_and_says_so(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    models = ModelRegistry(
+        Settings(tracking_uri=f"http://127.0.0.1:{free_port()}", download_dir=str(tmp_path), device="cpu")
+    )
+    with pytest.raises(RegistryUnavailable, match="did not answer"):
+        models.resolve("models:/linear@champion")
