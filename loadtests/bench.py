@@ -93,7 +93,11 @@ INSTANCES = {
             "ferry",
             "Redis cache",
             (ONNX,),
-            (("FERRY_CACHE__ENABLED", "true"), ("FERRY_CACHE__MEMORY_BYTES", "0")),
+            (
+                ("FERRY_CACHE__ENABLED", "true"),
+                ("FERRY_CACHE__MEMORY_BYTES", "0"),
+                ("FERRY_CACHE__RESPONSE_BYTES", "0"),
+            ),
         ),
         Instance(f"mlflow:{ONNX}", "mlflow", "", (ONNX,)),
         Instance(f"mlflow:{TORCH}", "mlflow", "", (TORCH,)),

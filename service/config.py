@@ -59,6 +59,9 @@ class CacheSettings(BaseModel):
     """Cache predictions at all."""
     memory_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024
     """Size bound of the in-process tier (bytes; 0 turns the tier off)."""
+    response_bytes: Annotated[int, Field(ge=0)] = 16 * 1024 * 1024
+    """Size bound of the in-process tier of whole rendered answers keyed on the raw request, which
+    answers an exact repeat before its body is parsed (bytes; 0 turns it off)."""
     ttl_s: Annotated[float, Field(gt=0)] = 300.0
     """Lifetime of an entry in either tier (seconds)."""
     redis_timeout_ms: Annotated[float, Field(gt=0)] = 50.0

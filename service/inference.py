@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,21 @@ class Prediction:
     version: str
     outputs: dict[str, np.ndarray]
     cache: str = "miss"
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What the last ``compute`` of this request answered, for the response cache (``api/replay.py``)."""
+
+    model: str
+    rows: int
+    protocol: str
+    metrics: ModelMetrics
+    ttl_s: float | None
+    """Seconds the answer may be replayed; ``None``: not at all (caching off for the model, or asked)."""
+
+
+LAST_ANSWER: ContextVar[Answered | None] = ContextVar("ferry_last_answer", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +121,9 @@ class InferenceService:
         self._timeout_s = settings.batch.timeout_ms / 1000
         self._max_rows = settings.limits.max_rows
         self.shutting_down = False
+        self.generation = 0
+        """Bumped whenever the set of answering versions changes (swap, add, remove): replayed responses
+        are keyed on it, so none outlives the version that computed it."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,6 +177,7 @@ class InferenceService:
             model, batcher, slot_metrics, SingleFlight(self._metrics, name), time.time(), labels
         )
         old, slot.spec, slot.active = slot.active, spec, new
+        self.generation += 1
         slot.state, slot.error = "ready", None
         self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
         self._metrics.model_ready.labels(name).set(1)
@@ -187,6 +207,7 @@ class InferenceService:
         """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed."""
         slot = self.find(name)
         del self._slots[name]
+        self.generation += 1
         if self._default == name:
             self._default = next(iter(self._slots), None)
         with contextlib.suppress(KeyError):
@@ -395,6 +416,7 @@ class InferenceService:
                 outputs = decode_outputs(value)
                 active.metrics.total_s.observe(time.perf_counter() - started)
                 active.metrics.answered(protocol, rows)
+                LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, cache.ttl_s(name)))
                 return Prediction(name, version, outputs, cache="hit")
         if key is None:
             outputs = await self._run(active, arrays, rows)
@@ -405,6 +427,8 @@ class InferenceService:
                 await cache.set(name, key, encode_outputs(outputs), cache.ttl_s(name))
         active.metrics.total_s.observe(time.perf_counter() - started)
         active.metrics.answered(protocol, rows)
+        ttl = cache.ttl_s(name) if key is not None and cache is not None and cache_control is None else None
+        LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, ttl))
         return Prediction(name, version, outputs)
 
     async def _run(

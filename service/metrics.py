@@ -263,6 +263,14 @@ class ModelMetrics:
         )
         self.output_value = metrics.output_value.labels(name, version)
         self._protocols: dict[str, tuple[Any, Any]] = {}
+        self._replay_hit: Any = None
+
+    def replayed(self, protocol: str, rows: int) -> None:
+        """A repeat answered from the response tier of the cache."""
+        if self._replay_hit is None:
+            self._replay_hit = self._metrics.cache_lookups.labels(self._name, "response", "hit")
+        self._replay_hit.inc()
+        self.answered(protocol, rows)
 
     def answered(self, protocol: str, rows: int) -> None:
         pair = self._protocols.get(protocol)

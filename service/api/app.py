@@ -24,6 +24,7 @@ from service import __version__
 from service.api import errors
 from service.api.auth import KeyRing
 from service.api.middleware import FastPath
+from service.api.replay import ResponseCache
 from service.api.routes import admin, health, mlflow, models, predict, v2
 from service.cache import build_cache
 from service.config import Settings
@@ -80,6 +81,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         metrics=metrics,
         keys=KeyRing(settings.api_keys),
         max_body_bytes=settings.limits.max_body_bytes,
+        replay=ResponseCache(settings.cache.response_bytes)
+        if settings.cache.enabled and settings.cache.response_bytes > 0
+        else None,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -45,6 +45,7 @@ def redis_ferry(
         {
             "FERRY_REDIS_URL": redis_server.url,
             "FERRY_CACHE__MEMORY_BYTES": "0",
+            "FERRY_CACHE__RESPONSE_BYTES": "0",
             "FERRY_CACHE__KEY_PREFIX": PREFIX,
             "FERRY_CACHE__REDIS_TIMEOUT_MS": "200",
             "FERRY_CACHE__BREAKER_RESET_S": "0.5",
@@ -75,6 +76,10 @@ def test_memory_tier_hit_and_cache_control(ferry_server: Server) -> None:
     assert predict(ferry_server, fresh, **{"Cache-Control": "no-store"}).headers["X-Cache"] == "miss"
     assert predict(ferry_server, fresh).headers["X-Cache"] == "miss"  # no-store stored nothing
     assert predict(ferry_server, fresh).headers["X-Cache"] == "hit"
+    metrics = httpx.get(f"{ferry_server.url}/metrics").text
+    assert (
+        'ferry_cache_lookups_total{model="linear",result="hit",tier="response"}' in metrics
+    )  # parse skipped
 
 
 def test_redis_hit_stores_plain_bytes_not_pickle(redis_ferry: Server, redis_server: RedisServer) -> None:

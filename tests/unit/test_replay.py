@@ -1,0 +1,71 @@
+"""The response tier: bounded in bytes, TTL, only cacheable 200s, replays say X-Cache: hit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import Response
+
+from conftest import FakeClock
+from service.api.replay import ResponseCache
+from service.inference import Answered
+
+
+def answered(ttl: float | None = 10.0) -> Answered:
+    return Answered("m", 1, "ferry", metrics=None, ttl_s=ttl)  # type: ignore[arg-type]
+
+
+def ok(body: bytes = b'{"outputs": [1]}') -> Response:
+    return Response(body, media_type="application/json", headers={"X-Cache": "miss", "X-Model-Version": "3"})
+
+
+SCOPE: dict[str, Any] = {
+    "method": "POST",
+    "path": "/predict",
+    "headers": [(b"content-type", b"application/json")],
+}
+
+
+def test_replay_keeps_body_and_headers_and_says_hit() -> None:
+    cache = ResponseCache(10_000)
+    key = cache.key(SCOPE, b"{}", generation=1)
+    cache.put(key, ok(), answered())
+    entry = cache.get(key)
+    assert entry is not None
+    response = entry.response()
+    assert response.body == b'{"outputs": [1]}'
+    assert (b"x-cache", b"hit") in response.raw_headers and (b"x-model-version", b"3") in response.raw_headers
+
+
+def test_keys_change_with_generation_path_body_and_content_type() -> None:
+    base = ResponseCache.key(SCOPE, b"{}", 1)
+    assert base != ResponseCache.key(SCOPE, b"{}", 2)
+    assert base != ResponseCache.key(SCOPE | {"path": "/invocations"}, b"{}", 1)
+    assert base != ResponseCache.key(SCOPE, b"{ }", 1)
+    assert base != ResponseCache.key(SCOPE | {"headers": [(b"content-type", b"text/csv")]}, b"{}", 1)
+    headers = [*SCOPE["headers"], (b"user-agent", b"x")]
+    assert base == ResponseCache.key(SCOPE | {"headers": headers}, b"{}", 1)  # not a keyed header
+
+
+def test_ttl_expires_and_uncacheable_answers_are_not_kept() -> None:
+    clock = FakeClock()
+    cache = ResponseCache(10_000, clock=clock)
+    cache.put(b"a", ok(), answered(ttl=5))
+    cache.put(b"b", ok(), answered(ttl=None))  # caching off for the model, or Cache-Control
+    cache.put(b"c", Response(b"err", status_code=503), answered())
+    assert cache.get(b"a") is not None and cache.get(b"b") is None and cache.get(b"c") is None
+    clock.now += 6
+    assert cache.get(b"a") is None and cache.bytes == 0
+
+
+def test_bounded_in_bytes_least_recently_used_goes_first() -> None:
+    size = 32 + 150 + sum(len(k) + len(v) for k, v in ok(b"x" * 150).raw_headers)
+    cache = ResponseCache(3 * size)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, ok(b"x" * 150), answered())
+    assert cache.get(b"a") is not None  # a is now the most recently used
+    cache.put(b"d", ok(b"x" * 150), answered())
+    assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"d") is not None
+    assert cache.bytes <= 3 * size
+    cache.put(b"huge", ok(b"x" * 1000), answered())
+    assert cache.get(b"huge") is None
