@@ -1012,6 +1012,13 @@ def quietest(measure_once: Callable[[], Run], args: argparse.Namespace) -> Run:
     return best
 
 
+def _failed_run(s: Scenario, instance: Instance, exc: BaseException) -> Run:
+    """The result row of a scenario that could not be measured."""
+    return Run(
+        s.id, s.title, instance.server, instance.variant, s.connections, s.rows, failure=str(exc)[:2000]
+    )
+
+
 def run_instance(
     instance: Instance,
     todo: list[Scenario],
@@ -1026,17 +1033,7 @@ def run_instance(
         server = start(instance, args.tracking_uri, redis, args.logs or workdir / "logs")
     except Exception as exc:
         for s in todo:
-            report.runs.append(
-                Run(
-                    s.id,
-                    s.title,
-                    instance.server,
-                    instance.variant,
-                    s.connections,
-                    s.rows,
-                    failure=str(exc)[:2000],
-                )
-            )
+            report.runs.append(_failed_run(s, instance, exc))
         print(f"bench: {instance.key} did not start: {exc}", file=sys.stderr, flush=True)
         return False
     ok = True
@@ -1049,15 +1046,7 @@ def run_instance(
                 run = quietest(once, args)
             except Exception as exc:
                 ok = False
-                run = Run(
-                    s.id,
-                    s.title,
-                    instance.server,
-                    instance.variant,
-                    s.connections,
-                    s.rows,
-                    failure=str(exc)[:2000],
-                )
+                run = _failed_run(s, instance, exc)
                 print(
                     f"bench: {s.id} on {instance.key} failed: {exc}\n{server.log(2000)}",
                     file=sys.stderr,
