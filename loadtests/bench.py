@@ -436,11 +436,14 @@ def base_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def start(instance: Instance, tracking_uri: str, redis: str | None, logs: Path) -> procs.Server:
+def start(
+    instance: Instance, tracking_uri: str, redis: str | None, logs: Path, models: tuple[str, ...] = ()
+) -> procs.Server:
+    """Start one server; a Ferry serves ``models`` (default: all of the instance's)."""
     port = procs.free_port()
     env = base_env(tracking_uri)
     if instance.server == "ferry":
-        env["FERRY_MODELS"] = ",".join(f"{m}=models:/{m}@{ALIAS}" for m in instance.models)
+        env["FERRY_MODELS"] = ",".join(f"{m}=models:/{m}@{ALIAS}" for m in models or instance.models)
         env |= dict(instance.env)
         if instance.key == "ferry-redis":
             if redis is None:
@@ -1030,7 +1033,10 @@ def run_instance(
     """Start one server, run its scenarios, stop it. False when something could not be run."""
     bodies = {(s.model, s.rows): rows_json(s.model, s.rows) for s in todo}
     try:
-        server = start(instance, args.tracking_uri, redis, args.logs or workdir / "logs")
+        # Only the models these scenarios use: a subset starts faster, and a model that cannot load
+        # here (ONNX on CUDA without onnxruntime-gpu) does not hold back the others.
+        models = tuple(m for m in instance.models if any(s.model == m for s in todo))
+        server = start(instance, args.tracking_uri, redis, args.logs or workdir / "logs", models)
     except Exception as exc:
         for s in todo:
             report.runs.append(_failed_run(s, instance, exc))

@@ -44,10 +44,13 @@ class TorchRuntime:
         output_names: Sequence[str],
     ) -> None:
         self._device = torch.device(device)
-        if hasattr(module, "to") and not _is_exported(module):
+        if _is_exported(module):
+            if self._device.type != "cpu":
+                module = move_exported(module, self._device)
+        elif hasattr(module, "to"):
             module = module.to(self._device)
-        if hasattr(module, "eval") and not _is_exported(module):
-            module.eval()
+            if hasattr(module, "eval"):
+                module.eval()
         self._module = module
         self._input_names = tuple(input_names)
         self._output_names = tuple(output_names)
@@ -82,5 +85,25 @@ class TorchRuntime:
 
 
 def _is_exported(module: Any) -> bool:
-    # A torch.export-ed module moves with the program, not with .to(); eval() is not supported.
+    # What ``torch.export.load(...).module()`` returns (MLflow's ``pt2`` format); eval() is refused.
     return type(module).__name__ in {"GraphModule"} and hasattr(module, "_in_spec")
+
+
+def move_exported(module: Any, device: torch.device) -> Any:
+    """Move a ``torch.export``-ed module: ``.to()`` moves its parameters and buffers, but the graph also
+    holds tensor constants and factory calls with the export's device baked in (``zeros(device=cpu)``),
+    which would meet CUDA inputs with CPU tensors. MLflow loads such a model on the device it was saved
+    from only, so a model exported on a CPU would otherwise never run on CUDA."""
+    module = module.to(device)
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            owner, _, attr = str(node.target).rpartition(".")
+            parent = module.get_submodule(owner) if owner else module
+            value = getattr(parent, attr)
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(parent, attr, value.to(device))
+        baked = node.kwargs.get("device")
+        if isinstance(baked, (torch.device, str)) and torch.device(baked) != device:
+            node.update_kwarg("device", device)
+    module.recompile()
+    return module

@@ -31,6 +31,30 @@ def test_torch_runtime_on_cuda_is_exact_and_frees_memory() -> None:
     runtime.close()
 
 
+def test_exported_torch_model_moves_to_cuda(tmp_path: Path) -> None:
+    # MLflow's pt2 format: a module exported on a CPU, with a factory call that names the CPU.
+    class Baked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = linear_module()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) + torch.zeros(3)
+
+    program = torch.export.export(
+        Baked(), (torch.from_numpy(X),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "model.pt2")
+    module = torch.export.load(tmp_path / "model.pt2").module()
+    runtime = TorchRuntime(module, "cuda:0", ["input"], ["output"])
+    np.testing.assert_array_equal(runtime.predict_batch({"input": X})["output"], EXPECTED)
+    runtime.close()
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="this onnxruntime has no CUDA provider (install the gpu extra: onnxruntime-gpu)",
+)
 def test_onnx_runtime_on_cuda_uses_the_cuda_provider(tmp_path: Path) -> None:
     from service.runtime.onnx import OnnxRuntime
 

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import export_onnx, linear_module
 from service.errors import ConfigurationError
 from service.runtime.base import resolve_device
 from service.runtime.onnx import OnnxRuntime
 from service.runtime.pyfunc import PyfuncRuntime
-from service.runtime.torch import TorchRuntime
+from service.runtime.torch import TorchRuntime, move_exported
 
 X = np.array([[1, 2, 3, 4], [0, 0, 0, 0], [-1, 0.5, 0.25, 0]], dtype=np.float32)
 EXPECTED = np.repeat(2 * X.sum(axis=1, keepdims=True) + 1, 3, axis=1)
@@ -67,3 +68,41 @@ def test_resolve_device(requested: str, cuda: int, expected: str) -> None:
 def test_asking_for_missing_cuda_is_a_clear_start_up_error(requested: str, cuda: int, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         resolve_device(requested, cuda)
+
+
+class _Baked(torch.nn.Module):
+    """A graph with a parameter, a buffer, a tensor constant and factory calls that name a device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = linear_module()
+        self.register_buffer("scale", torch.full((3,), 2.0))
+        self.offset = torch.ones(3)  # a plain tensor attribute: a constant of the exported graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) * self.scale + self.offset + torch.zeros(3) + torch.arange(3, device=x.device)
+
+
+def _exported(tmp_path: Path) -> torch.nn.Module:
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_Baked(), (torch.from_numpy(X[:2]),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    return torch.export.load(tmp_path / "model.pt2").module()  # what MLflow's pt2 loader returns
+
+
+def test_exported_module_runs_on_the_cpu(tmp_path: Path) -> None:
+    runtime = TorchRuntime(_exported(tmp_path), "cpu", ["input"], ["output"])
+    expected = (2 * X.sum(axis=1, keepdims=True) + 1) * 2 + 1 + np.arange(3)
+    np.testing.assert_array_equal(runtime.predict_batch({"input": X})["output"], expected)
+
+
+def test_exported_module_moves_with_its_constants_and_baked_devices(tmp_path: Path) -> None:
+    # The meta device stands in for CUDA here: a module that only had .to() applied fails on it with
+    # "Tensor on device cpu is not on the expected device meta" (tests/gpu runs the same on CUDA).
+    module = _exported(tmp_path)
+    with pytest.raises(RuntimeError, match="device"):
+        module.to("meta")(torch.zeros(2, 4, device="meta"))
+    moved = move_exported(_exported(tmp_path), torch.device("meta"))
+    assert {t.device.type for t in moved.state_dict().values()} == {"meta"}
+    out = moved(torch.zeros(5, 4, device="meta"))
+    assert out.device.type == "meta" and tuple(out.shape) == (5, 3)
