@@ -7,7 +7,8 @@ never reaches (or disturbs) its neighbours in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,16 @@ from service.runtime.base import TensorSpec
 
 # Which numpy kinds a JSON-decoded array may have for each kind of declared dtype.
 _ACCEPTS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "c": "fiuc"}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedArray:
+    """A regular JSON array of numbers that the API decoded straight to float64 (``api/jsonbody.py``),
+    with the JSON value it came from on demand, for inputs whose type is not floating point (JSON's
+    ``1`` and ``1.0`` are the same double, and integers above 2**53 are not)."""
+
+    values: np.ndarray
+    original: Callable[[], Any]
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -54,6 +65,10 @@ def decode_inputs(specs: Sequence[TensorSpec], raw: Any) -> tuple[dict[str, np.n
 
 def to_array(spec: TensorSpec, value: Any) -> np.ndarray:
     """One input's JSON value to an array of the spec's dtype and shape."""
+    if isinstance(value, DecodedArray):
+        if spec.dtype.kind == "f":
+            return check_array(spec, value.values)
+        value = value.original()
     if isinstance(value, (str, bytes, bool, int, float)) or value is None:
         raise InvalidInput(
             f"input {spec.name!r}: expected a list of rows with shape {shape_text(spec.shape)}, "

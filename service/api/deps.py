@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import Depends, Request
 
-from service.errors import BadRequest, NotReady
+from service.api.jsonbody import parse_object
+from service.errors import NotReady
 from service.inference import InferenceService
 
 
@@ -41,13 +41,6 @@ def cache_control(request: Request) -> str | None:
 
 
 async def json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, parsed with orjson (400 if it is not JSON or not an object)."""
-    body = await request.body()
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        hint = " (NaN and Infinity are not JSON)" if b"NaN" in body or b"Infinity" in body else ""
-        raise BadRequest(f"body is not valid JSON: {exc}{hint}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
-    return value
+    """The body as a JSON object, ``inputs`` decoded straight to arrays where it can be (400 if it is not
+    JSON or not an object): ``api/jsonbody.py``."""
+    return parse_object(await request.body())
