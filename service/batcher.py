@@ -1,11 +1,13 @@
 """Dynamic batching: coalesce concurrent requests into one model call.
 
-A ``Batcher`` owns a queue bounded in rows and one consumer task. When the model is idle a request runs
-at once; while a batch computes, new requests queue, and the next batch takes all of them up to
-``max_rows`` rows (optionally waiting ``max_wait_s`` for more). The model runs in one worker thread, so
-there is one thread hop per batch, not per request, and the event loop keeps accepting requests.
-Results are split back by row counts. A failing batch fails only its own requests. A request with more
-rows than ``max_rows`` runs alone. The batcher knows no models, no HTTP and no metrics library.
+A ``Batcher`` owns a queue bounded in rows and one worker thread that runs the model. When the model is
+idle a request runs at once; while a batch computes, new requests queue, and the next batch takes all of
+them up to ``max_rows`` rows (optionally waiting ``max_wait_s`` for more). The worker takes its next
+batch itself the moment the model is free, so the model never waits for the event loop (which may be
+busy parsing a large body); the only hop back is one ``call_soon_threadsafe`` per batch that hands the
+results to the loop. Results are split back by row counts. A failing batch fails only its own
+requests. A request with more rows than ``max_rows`` runs alone. The batcher knows no models, no HTTP
+and no metrics library.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,7 +60,7 @@ class _Pending:
 
 
 class Batcher:
-    """Queue plus consumer for one model version."""
+    """Queue plus worker thread for one model version."""
 
     def __init__(
         self,
@@ -77,13 +79,18 @@ class Batcher:
         self._max_wait_s = max_wait_s if enabled else 0.0
         self._enabled = enabled
         self._observer = observer
+        self._loop = asyncio.get_running_loop()
+        # The queue, its row count and the in-flight count are shared with the worker: guarded by the
+        # lock; the condition wakes the worker when rows arrive or the batcher stops.
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
         self._rows = 0
-        self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
+        self._inflight = 0
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ferry-{name}")
-        self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher-{name}")
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name=f"ferry-{name}", daemon=True)
+        self._thread.start()
         self.batches = 0
         """Model calls made so far (for tests and the benchmark)."""
 
@@ -95,19 +102,19 @@ class Batcher:
         """Queue ``rows`` rows and wait for their outputs, at most ``timeout_s`` seconds."""
         if self._closing:
             raise NotReady("model is shutting down")
-        if self._rows and self._rows + rows > self._queue_rows:
-            raise Overloaded(
-                f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
-                queued_rows=self._rows,
-            )
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, future, time.perf_counter()))
-        self._rows += rows
+        future: asyncio.Future[BatchResult] = self._loop.create_future()
+        with self._lock:
+            if self._rows and self._rows + rows > self._queue_rows:
+                raise Overloaded(
+                    f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
+                    queued_rows=self._rows,
+                )
+            self._queue.append(_Pending(inputs, rows, future, time.perf_counter()))
+            self._rows += rows
+            queued = self._rows
+            self._arrived.notify()
         if self._observer:
-            self._observer.queue(self._rows)
-        self._wakeup.set()
-        if self._rows >= self._max_rows:
-            self._full.set()
+            self._observer.queue(queued)
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
@@ -118,40 +125,47 @@ class Batcher:
         """Refuse new requests; finish (``drain``) or fail the queued ones; stop the worker."""
         self._closing = True
         if drain:
-            while self._queue:
-                self._wakeup.set()
+            # Polled: drains are rare, and the worker also empties the queue of expired requests.
+            while self._queue or self._inflight:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        for pending in self._queue:
+        with self._lock:
+            self._stopped = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._rows = 0
+            self._arrived.notify_all()
+        for pending in left:
             if not pending.future.done():
                 pending.future.set_exception(NotReady("model was unloaded"))
-        self._queue.clear()
-        self._executor.shutdown(wait=True)
+        # The worker finishes the batch it is running, if any (its results go to the loop as usual).
+        await asyncio.to_thread(self._thread.join)
 
-    async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the worker thread -----------------------------------------------------------------------------
+    def _work(self) -> None:
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self._max_wait_s and self._rows < self._max_rows:
-                deadline = self._queue[0].enqueued + self._max_wait_s
-                remaining = deadline - time.perf_counter()
-                if remaining > 0:
-                    self._full.clear()
-                    try:
-                        async with asyncio.timeout(remaining):
-                            await self._full.wait()
-                    except TimeoutError:
-                        pass
-            batch = self._take()
+            with self._arrived:
+                while not self._queue and not self._stopped:
+                    self._arrived.wait()
+                if self._stopped:
+                    return
+                if self._max_wait_s and self._rows < self._max_rows:
+                    deadline = self._queue[0].enqueued + self._max_wait_s
+                    while self._rows < self._max_rows and not self._stopped:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._arrived.wait(remaining)
+                batch = self._take()
+                queued = self._rows
+                if batch:
+                    self._inflight += 1
+            if self._observer:
+                self._observer.queue(queued)
             if batch:
-                await self._run(loop, batch)
+                self._run(batch)
 
     def _take(self) -> list[_Pending]:
+        """The next batch from the head of the queue (lock held)."""
         batch: list[_Pending] = []
         rows = 0
         queue = self._queue
@@ -169,16 +183,14 @@ class Batcher:
             rows += head.rows
             if rows >= self._max_rows:
                 break
-        if self._observer:
-            self._observer.queue(self._rows)
         return batch
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    def _run(self, batch: list[_Pending]) -> None:
         rows = sum(p.rows for p in batch)
+        start = time.perf_counter()
         try:
             inputs = batch[0].inputs if len(batch) == 1 else _concat([p.inputs for p in batch])
-            start = time.perf_counter()
-            outputs = await loop.run_in_executor(self._executor, self._run_fn, inputs)
+            outputs = self._run_fn(inputs)
             compute_s = time.perf_counter() - start
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != rows:
@@ -186,11 +198,23 @@ class Batcher:
                         f"model output {name!r} has shape {value.shape}, expected {rows} rows"
                     )
         except Exception as exc:
-            self._fail(batch, exc)
+            self._to_loop(self._fail, batch, exc)
             return
         self.batches += 1
         if self._observer:
             self._observer.batch(rows, compute_s)
+        self._to_loop(self._deliver, batch, outputs, start, compute_s)
+
+    def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # -- back on the event loop ------------------------------------------------------------------------
+    def _deliver(
+        self, batch: list[_Pending], outputs: dict[str, np.ndarray], start: float, compute_s: float
+    ) -> None:
+        with self._lock:
+            self._inflight -= 1
         offset = 0
         for p in batch:
             if not p.future.done():
@@ -200,6 +224,8 @@ class Batcher:
             offset += p.rows
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        with self._lock:
+            self._inflight -= 1
         log.error("model call failed for a batch of %d request(s): %r", len(batch), exc, exc_info=exc)
         if self._observer:
             self._observer.failed(len(batch))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
@@ -217,3 +218,46 @@ async def test_closed_batcher_refuses_new_requests() -> None:
     await batcher.close()
     with pytest.raises(NotReady):
         await batcher.submit(rows(1), 1, 5)
+
+
+@pytest.mark.asyncio
+async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy() -> None:
+    # Batching off: three requests are three model calls. The loop is then blocked (as while it parses a
+    # large body); the worker must run all three without it, and the loop only collects the results.
+    model = GatedModel(gated=False)
+    batcher = Batcher(model, max_rows=64, queue_rows=64, enabled=False)
+    tasks = [asyncio.create_task(batcher.submit(rows(v), 1, 5)) for v in (1, 2, 3)]
+    await asyncio.sleep(0)  # the three requests queue their rows
+    finished = threading.Event()
+    watcher = threading.Thread(
+        target=lambda: finished.set() if _wait_for(lambda: batcher.batches == 3) else None
+    )
+    watcher.start()
+    watcher.join(10)  # blocks the event loop on purpose
+    assert finished.is_set() and model.calls == [1, 1, 1]
+    results = await asyncio.gather(*tasks)
+    assert [r.outputs["y"].tolist() for r in results] == [[[2.0]], [[4.0]], [[6.0]]]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_drain_finishes_queued_and_running_requests() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=1, queue_rows=64)
+    tasks = [asyncio.create_task(batcher.submit(rows(v), 1, 5)) for v in (1, 2)]
+    await wait_entered(model)  # the first runs, the second is queued
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    model.gate.set()
+    await closing
+    assert [r.outputs["y"].tolist() for r in await asyncio.gather(*tasks)] == [[[2.0]], [[4.0]]]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
