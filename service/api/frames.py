@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import orjson
 
+from service.api.jsonbody import parse_object
 from service.errors import BadRequest, InvalidInput
 from service.runtime.base import TensorSpec
 
@@ -24,15 +24,10 @@ FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
 def json_payload(body: bytes) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest(
-            f"body must be a JSON object with exactly one of {list(FORMATS)}, got {type(payload).__name__}"
-        )
-    return payload
+    """The JSON body; numeric ``inputs`` and ``instances`` decoded straight to arrays (``jsonbody.py``)."""
+    return parse_object(
+        body, ("inputs", "instances"), expected=f"a JSON object with exactly one of {list(FORMATS)}"
+    )
 
 
 def payload_inputs(specs: Sequence[TensorSpec], payload: dict[str, Any]) -> Any:

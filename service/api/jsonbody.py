@@ -23,7 +23,7 @@ import simdjson
 from service.errors import BadRequest
 from service.signature import DecodedArray
 
-_SIMDJSON_ERRORS = (ValueError, TypeError, RuntimeError, UnicodeDecodeError)
+_SIMDJSON_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, UnicodeDecodeError)
 
 
 class _Fallback(Exception):
@@ -31,8 +31,10 @@ class _Fallback(Exception):
     or a '[' in a string (the check against nested arrays counts '[' bytes)."""
 
 
-def parse_object(body: bytes, arrays: Collection[str] = ("inputs",)) -> dict[str, Any]:
-    """The body as a JSON object (400 if it is not JSON or not an object). The values of the keys in
+def parse_object(
+    body: bytes, arrays: Collection[str] = ("inputs",), expected: str = "a JSON object"
+) -> dict[str, Any]:
+    """The body as a JSON object (400 if it is not JSON, or not ``expected``). The values of the keys in
     ``arrays``, or of each key of an object there, become ``DecodedArray`` when they are regular,
     non-empty arrays of numbers."""
     try:
@@ -40,37 +42,40 @@ def parse_object(body: bytes, arrays: Collection[str] = ("inputs",)) -> dict[str
         # costs about as much as a reused one.
         doc = simdjson.Parser().parse(body)
         if not isinstance(doc, simdjson.Object):
-            return loads_object(body)
+            return loads_object(body, expected)
         keys = list(doc.keys())
         if len(set(keys)) != len(keys):
             raise _Fallback
         out: dict[str, Any] = {}
         counted = 0
         for key in keys:
+            # A lookup, not items() (which converts every value to Python). simdjson cannot look up a
+            # key that holds a NUL character: KeyError, and orjson reads that body.
+            value = doc[key]
             if key in arrays:
-                out[key], found = _decoded(doc[key], body, key)
+                out[key], found = _decoded(value, body, key)
             else:
-                out[key] = _python(doc[key])
+                out[key] = _python(value)
                 found = _arrays(out[key])
             counted += found + _arrays(key)
     except (_Fallback, *_SIMDJSON_ERRORS):
-        return loads_object(body)
+        return loads_object(body, expected)
     if counted != body.count(b"["):
         # An array the walk above did not see: an [x] where a number should be, which flattens like x
         # (``[[1, [2]]]`` like ``[[1, 2]]``). Read such a body the plain way.
-        return loads_object(body)
+        return loads_object(body, expected)
     return out
 
 
-def loads_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object with orjson (400 if it is not JSON or not an object)."""
+def loads_object(body: bytes, expected: str = "a JSON object") -> dict[str, Any]:
+    """The body as a JSON object with orjson (400 if it is not JSON, or not ``expected``)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         hint = " (NaN and Infinity are not JSON)" if b"NaN" in body or b"Infinity" in body else ""
         raise BadRequest(f"body is not valid JSON: {exc}{hint}") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(value).__name__}")
+        raise BadRequest(f"body must be {expected}, got {type(value).__name__}")
     return value
 
 
