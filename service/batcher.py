@@ -5,9 +5,9 @@ idle a request runs at once; while a batch computes, new requests queue, and the
 them up to ``max_rows`` rows (optionally waiting ``max_wait_s`` for more). The worker takes its next
 batch itself the moment the model is free, so the model never waits for the event loop (which may be
 busy parsing a large body); the only hop back is one ``call_soon_threadsafe`` per batch that hands the
-results to the loop. Results are split back by row counts. A failing batch fails only its own
-requests. A request with more rows than ``max_rows`` runs alone. The batcher knows no models, no HTTP
-and no metrics library.
+results to the loop. Results are split back by row counts. Only requests with equal parameters share a
+batch (a model call takes one set). A failing batch fails only its own requests. A request with more
+rows than ``max_rows`` runs alone. The batcher knows no models, no HTTP and no metrics library.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
-RunFn = Callable[[Arrays], dict[str, np.ndarray]]
+Params = Mapping[str, Any]
+RunFn = Callable[[Arrays, Params | None], dict[str, np.ndarray]]
+"""Runs the model on a batch of inputs with the parameters every request of the batch sent."""
 
 
 class BatchObserver(Protocol):
@@ -57,6 +59,7 @@ class _Pending:
     rows: int
     future: asyncio.Future[BatchResult]
     enqueued: float
+    params: Params | None = None
 
 
 class Batcher:
@@ -98,7 +101,9 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._rows
 
-    async def submit(self, inputs: Arrays, rows: int, timeout_s: float) -> BatchResult:
+    async def submit(
+        self, inputs: Arrays, rows: int, timeout_s: float, params: Params | None = None
+    ) -> BatchResult:
         """Queue ``rows`` rows and wait for their outputs, at most ``timeout_s`` seconds."""
         if self._closing:
             raise NotReady("model is shutting down")
@@ -109,7 +114,7 @@ class Batcher:
                     f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
                     queued_rows=self._rows,
                 )
-            self._queue.append(_Pending(inputs, rows, future, time.perf_counter()))
+            self._queue.append(_Pending(inputs, rows, future, time.perf_counter(), params or None))
             self._rows += rows
             queued = self._rows
             self._arrived.notify()
@@ -175,7 +180,7 @@ class Batcher:
                 queue.popleft()
                 self._rows -= head.rows
                 continue
-            if batch and rows + head.rows > self._max_rows:
+            if batch and (rows + head.rows > self._max_rows or head.params != batch[0].params):
                 break
             queue.popleft()
             self._rows -= head.rows
@@ -190,7 +195,7 @@ class Batcher:
         start = time.perf_counter()
         try:
             inputs = batch[0].inputs if len(batch) == 1 else _concat([p.inputs for p in batch])
-            outputs = self._run_fn(inputs)
+            outputs = self._run_fn(inputs, batch[0].params)
             compute_s = time.perf_counter() - start
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != rows:
@@ -226,10 +231,15 @@ class Batcher:
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         with self._lock:
             self._inflight -= 1
-        log.error("model call failed for a batch of %d request(s): %r", len(batch), exc, exc_info=exc)
-        if self._observer:
-            self._observer.failed(len(batch))
-        error = exc if isinstance(exc, InferenceFailed) else InferenceFailed("the model failed on this batch")
+        if isinstance(exc, InvalidInput):  # the parameters all these requests sent (they share them)
+            error: Exception = exc
+        else:
+            log.error("model call failed for a batch of %d request(s): %r", len(batch), exc, exc_info=exc)
+            if self._observer:
+                self._observer.failed(len(batch))
+            error = (
+                exc if isinstance(exc, InferenceFailed) else InferenceFailed("the model failed on this batch")
+            )
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(error)

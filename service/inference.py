@@ -244,8 +244,8 @@ class InferenceService:
         self._metrics.queue_capacity_rows.labels(name, model.ref.version).set(batch.queue_rows)
         runtime = model.runtime
 
-        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            outputs = runtime.predict_batch(inputs)
+        def run(inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+            outputs = runtime.predict_batch(inputs, params)
             slot_metrics.outputs(outputs)
             return outputs
 
@@ -419,9 +419,9 @@ class InferenceService:
                 LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, cache.ttl_s(name)))
                 return Prediction(name, version, outputs, cache="hit")
         if key is None:
-            outputs = await self._run(active, arrays, rows)
+            outputs = await self._run(active, arrays, rows, params)
         else:
-            outputs = await active.flights.run(key, lambda: self._run(active, arrays, rows))
+            outputs = await active.flights.run(key, lambda: self._run(active, arrays, rows, params))
             assert cache is not None
             with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
                 await cache.set(name, key, encode_outputs(outputs), cache.ttl_s(name))
@@ -432,11 +432,15 @@ class InferenceService:
         return Prediction(name, version, outputs)
 
     async def _run(
-        self, active: ActiveVersion, arrays: dict[str, np.ndarray], rows: int
+        self,
+        active: ActiveVersion,
+        arrays: dict[str, np.ndarray],
+        rows: int,
+        params: Mapping[str, Any] | None = None,
     ) -> dict[str, np.ndarray]:
         m = active.metrics
         try:
-            result = await active.batcher.submit(arrays, rows, self._timeout_s)
+            result = await active.batcher.submit(arrays, rows, self._timeout_s, params)
         except Overloaded:
             m.overload.inc()
             raise

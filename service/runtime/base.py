@@ -42,8 +42,12 @@ class Runtime(Protocol):
 
     info: RuntimeInfo
 
-    def predict_batch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model on one batch; every output's first axis equals the inputs' first axis."""
+    def predict_batch(
+        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model on one batch; every output's first axis equals the inputs' first axis.
+        ``params`` are the request's inference parameters: pyfunc models take them, tensor models
+        (torch, ONNX) have none and ignore them."""
         ...
 
     def close(self) -> None:

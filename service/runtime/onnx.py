@@ -69,7 +69,9 @@ class OnnxRuntime:
     def output_specs(self) -> list[TensorSpec]:
         return [_spec(o) for o in self._session.get_outputs()]
 
-    def predict_batch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict_batch(
+        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         results = self._session.run(self._output_names, dict(inputs))
         return dict(zip(self._output_names, results, strict=True))
 

@@ -56,7 +56,9 @@ class TorchRuntime:
         self._output_names = tuple(output_names)
         self.info = RuntimeInfo(runtime=f"torch {torch.__version__}", device=device)
 
-    def predict_batch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict_batch(
+        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         cuda = self._device.type == "cuda"
         args = [
             torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device, non_blocking=cuda)

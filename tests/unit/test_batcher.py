@@ -6,12 +6,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded
 
 
 class GatedModel:
@@ -19,14 +20,18 @@ class GatedModel:
 
     def __init__(self, gated: bool = True) -> None:
         self.calls: list[int] = []
+        self.params: list[Mapping[str, Any] | None] = []
         self.gate = threading.Event()
         self.entered = threading.Event()
         if not gated:
             self.gate.set()
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         x = inputs["x"]
         self.calls.append(x.shape[0])
+        self.params.append(params)
         self.entered.set()
         self.gate.wait(timeout=10)
         return {"y": x * 2}
@@ -161,7 +166,7 @@ async def test_cancelled_waiting_request_is_dropped_without_disturbing_others() 
 async def test_a_failing_batch_fails_only_its_own_requests() -> None:
     calls: list[int] = []
 
-    def flaky(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def flaky(inputs: Mapping[str, np.ndarray], params: Any) -> dict[str, np.ndarray]:
         calls.append(len(inputs["x"]))
         if (inputs["x"] < 0).any():
             raise RuntimeError("boom")
@@ -194,7 +199,7 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
 
 @pytest.mark.asyncio
 async def test_wrong_output_rows_fail_the_batch_with_a_clear_error() -> None:
-    batcher = Batcher(lambda _: {"y": np.zeros((1, 1))}, max_rows=8, queue_rows=64)
+    batcher = Batcher(lambda _, __: {"y": np.zeros((1, 1))}, max_rows=8, queue_rows=64)
     with pytest.raises(InferenceFailed, match="expected 2 rows"):
         await batcher.submit(rows(1, 2), 2, 5)
     await batcher.close()
@@ -261,3 +266,33 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
             return False
         time.sleep(0.001)
     return True
+
+
+@pytest.mark.asyncio
+async def test_only_requests_with_equal_params_share_a_batch() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64)
+    first = asyncio.create_task(batcher.submit(rows(0), 1, 5))
+    await wait_entered(model)  # the model is busy: the next four queue in this order
+    queued = [
+        asyncio.create_task(batcher.submit(rows(v), 1, 5, params=p))
+        for v, p in ((1, {"t": 1}), (2, {"t": 1}), (3, {"t": 2}), (4, None))
+    ]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *queued)
+    # In arrival order, a batch ends where the parameters change.
+    assert model.calls == [1, 2, 1, 1]
+    assert model.params == [None, {"t": 1}, {"t": 2}, None]
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_invalid_params_are_the_clients_error_not_a_failed_batch() -> None:
+    def strict(inputs: Mapping[str, np.ndarray], params: Any) -> dict[str, np.ndarray]:
+        raise InvalidInput("params: 't' must be an integer", field="params")
+
+    batcher = Batcher(strict, max_rows=8, queue_rows=64)
+    with pytest.raises(InvalidInput, match="must be an integer"):
+        await batcher.submit(rows(1), 1, 5, params={"t": "x"})
+    await batcher.close()
