@@ -43,21 +43,7 @@ def parse_object(
         doc = simdjson.Parser().parse(body)
         if not isinstance(doc, simdjson.Object):
             return loads_object(body, expected)
-        keys = list(doc.keys())
-        if len(set(keys)) != len(keys):
-            raise _Fallback
-        out: dict[str, Any] = {}
-        counted = 0
-        for key in keys:
-            # A lookup, not items() (which converts every value to Python). simdjson cannot look up a
-            # key that holds a NUL character: KeyError, and orjson reads that body.
-            value = doc[key]
-            if key in arrays:
-                out[key], found = _decoded(value, body, key)
-            else:
-                out[key] = _python(value)
-                found = _arrays(out[key])
-            counted += found + _arrays(key)
+        out, counted = _entries(doc, body, (), arrays)
     except (_Fallback, *_SIMDJSON_ERRORS):
         return loads_object(body, expected)
     if counted != body.count(b"["):
@@ -90,35 +76,45 @@ def _python(value: Any) -> Any:
     return value
 
 
-def _decoded(value: Any, body: bytes, key: str) -> tuple[Any, int]:
-    """``value`` with its regular numeric arrays decoded, and how many JSON arrays those held."""
-    if isinstance(value, simdjson.Array):
-        found = _numeric(value)
-        if found is None:
-            plain = value.as_list()
-            return plain, _arrays(plain)
-        array, count = found
-        return DecodedArray(array, functools.partial(_original, body, key)), count
-    if isinstance(value, simdjson.Object):
-        names = list(value.keys())
-        if len(set(names)) != len(names):
-            raise _Fallback
-        out: dict[str, Any] = {}
-        total = 0
-        for name in names:
-            item = value[name]
-            found = _numeric(item) if isinstance(item, simdjson.Array) else None
-            total += _arrays(name)
-            if found is None:
-                out[name] = _python(item)
-                total += _arrays(out[name])
-                continue
-            array, count = found
-            out[name] = DecodedArray(array, functools.partial(_original, body, key, name))
-            total += count
-        return out, total
-    plain = _python(value)
-    return plain, _arrays(plain)
+def _entries(
+    obj: Any, body: bytes, path: tuple[str, ...], decode: Collection[str] | None
+) -> tuple[dict[str, Any], int]:
+    """An object's entries as Python values, the arrays of numbers under the keys in ``decode`` (every
+    key when ``None``; one object deep) as ``DecodedArray``; and how many JSON arrays it holds."""
+    keys = list(obj.keys())
+    if len(set(keys)) != len(keys):
+        raise _Fallback
+    out: dict[str, Any] = {}
+    count = 0
+    for key in keys:
+        # A lookup, not items() (which converts every value to Python). simdjson cannot look up a key
+        # that holds a NUL character: KeyError, and orjson reads that body.
+        value = obj[key]
+        count += _arrays(key)
+        if decode is not None and key not in decode:
+            out[key] = _python(value)
+            count += _arrays(out[key])
+        elif isinstance(value, simdjson.Array):
+            out[key], found = _array(value, body, (*path, key))
+            count += found
+        elif isinstance(value, simdjson.Object) and not path:
+            out[key], found = _entries(value, body, (key,), None)
+            count += found
+        else:
+            out[key] = _python(value)
+            count += _arrays(out[key])
+    return out, count
+
+
+def _array(value: Any, body: bytes, path: tuple[str, ...]) -> tuple[Any, int]:
+    """A ``DecodedArray`` when ``value`` is a regular array of numbers, else its list; and how many JSON
+    arrays it holds."""
+    found = _numeric(value)
+    if found is None:
+        plain = value.as_list()
+        return plain, _arrays(plain)
+    array, count = found
+    return DecodedArray(array, functools.partial(_original, body, *path)), count
 
 
 def _numeric(array: Any) -> tuple[np.ndarray, int] | None:
