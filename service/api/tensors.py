@@ -19,7 +19,7 @@ import numpy as np
 
 from service.errors import BadRequest, InvalidInput
 from service.runtime.base import TensorSpec
-from service.signature import check_array, check_finite
+from service.signature import DecodedArray, check_array, check_finite
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -119,7 +119,9 @@ def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview)
 
 def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
     """JSON ``data`` (flat row-major, or nested to ``shape``) to an array of ``datatype`` and ``shape``."""
-    if not isinstance(data, list):
+    if isinstance(data, DecodedArray):  # numbers read straight to float64 (api/jsonbody.py)
+        data = data.values if DATATYPES[datatype].kind == "f" else data.original()
+    if not isinstance(data, (list, np.ndarray)):
         raise InvalidInput(f"input {name!r}: 'data' must be a list, got {type(data).__name__}", input=name)
     dtype, count = DATATYPES[datatype], math.prod(shape)
     try:

@@ -21,9 +21,11 @@ IDS = TensorSpec("ids", np.dtype(np.int64), (-1,))
 
 
 def plain(value: Any) -> Any:
-    """A parsed value with its decoded arrays turned back into lists (for comparison with orjson)."""
+    """A parsed value with its decoded arrays turned back into the JSON they came from (as orjson reads
+    it), after checking that the decoded values are those numbers."""
     if isinstance(value, DecodedArray):
-        return value.values.tolist()
+        np.testing.assert_array_equal(value.values, np.array(value.original(), dtype=np.float64))
+        return value.original()
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     return value
@@ -195,3 +197,30 @@ def test_mlflow_payloads_decode_inputs_and_instances() -> None:
 def test_keys_with_nul_characters_are_read(body: bytes) -> None:
     # simdjson cannot look such keys up (found by the fuzz tests: a 500 for {"\u0000": null}).
     assert plain(parse_object(body)) == orjson.loads(body)
+
+
+def test_open_inference_protocol_tensor_data_is_decoded() -> None:
+    from service.api.tensors import decode_inputs as decode_tensors
+
+    rows = np.arange(6, dtype=np.float64).reshape(2, 3) / 4
+    header = orjson.dumps(
+        {
+            "id": "7",
+            "inputs": [
+                {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": rows.tolist()},
+                {"name": "ids", "shape": [2], "datatype": "INT64", "data": [2**53 + 1, 2]},
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    )
+    parsed = parse_object(header, arrays=(), tensors=("inputs",))
+    assert plain_tensors(parsed) == orjson.loads(header)
+    x, ids = (t["data"] for t in parsed["inputs"])
+    assert isinstance(x, DecodedArray) and isinstance(ids, DecodedArray)
+    arrays = decode_tensors([F, IDS], parsed["inputs"], memoryview(b""))
+    np.testing.assert_array_equal(arrays["x"], rows.astype(np.float32))
+    assert arrays["ids"].tolist() == [2**53 + 1, 2]  # exact: integers come from the JSON itself
+
+
+def plain_tensors(parsed: dict[str, Any]) -> dict[str, Any]:
+    return {**parsed, "inputs": [plain(t) for t in parsed["inputs"]]}

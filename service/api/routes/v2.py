@@ -17,8 +17,9 @@ from fastapi.responses import Response
 from service import __version__
 from service.api import tensors
 from service.api.deps import cache_control, service_of
+from service.api.jsonbody import parse_object
 from service.api.middleware import Endpoint
-from service.errors import BadRequest, InvalidInput, ModelNotFound, NotReady
+from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.inference import ActiveVersion, InferenceService, ModelSlot, Prediction
 from service.schemas import v2 as schema
 from service.signature import shared_rows
@@ -116,12 +117,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     active = service.active(name)
     _check_version(name, version, active)
     header, binary = tensors.split_body(await request.body(), request.headers.get(_HEADER))
-    try:
-        body = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    body = parse_object(bytes(header), arrays=(), tensors=("inputs",))
     try:
         arrays = tensors.decode_inputs(active.model.inputs, body.get("inputs"), binary)
         rows = shared_rows(arrays)
