@@ -8,7 +8,8 @@
 #   TORCH_INDEX_URL=        optional package index for torch (PyTorch's CPU wheel index keeps a CPU
 #                           machine from pulling the multi-GB CUDA build)
 #
-# torch is installed first and pinned, so the project's looser range never pulls another build.
+# torch is installed first and pinned, so the project's looser range never pulls another build. With the
+# gpu extra, onnxruntime-gpu replaces onnxruntime (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${FERRY_VENV-.venv}
@@ -31,4 +32,13 @@ if [ "${FERRY_EDITABLE:-1}" = 1 ]; then
   "${pip[@]}" -e "$target" "$torch_spec"
 else
   "${pip[@]}" "$target" "$torch_spec"
+fi
+# `onnxruntime` (a base dependency) and `onnxruntime-gpu` (the gpu extra) install the same Python
+# package, and whichever pip unpacked last wins, file by file. With the gpu extra, keep only the GPU
+# build, at the version pip chose, and check that it has the CUDA provider.
+if [[ ",$extras," == *",gpu,"* ]]; then
+  ort=$("$py" -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')
+  "$py" -m pip uninstall -y -q onnxruntime onnxruntime-gpu
+  "${pip[@]}" --no-deps "onnxruntime-gpu==$ort"
+  "$py" -c "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p"
 fi
