@@ -20,6 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from delivery_support import run
 from service.gpu import GpuCollector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,15 +84,7 @@ def require_tool(name: str) -> str:
 
 def run_tool(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run a command with a bounded wait; output in .stdout, both streams merged."""
-    return subprocess.run(
-        [str(a) for a in args],
-        capture_output=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run(*args, timeout=120)
 
 
 # Rules ---------------------------------------------------------------------------------------------
