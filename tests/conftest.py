@@ -256,20 +256,29 @@ def start_server(
     return server
 
 
-def wait_until_ready(server: Server, timeout_s: float = 120.0, ops_url: str | None = None) -> None:
-    """Until ``/health/ready`` (on ``ops_url`` when the operations routes have their own port) says 200."""
+def poll_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> str | None:
+    """GET ``url`` until it answers 200: ``None`` then, else why not (the process exited, or time ran out)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"ferry exited with {server.process.returncode}:\n{server.log()}")
+        if process.poll() is not None:
+            return f"exited with {process.returncode}"
         try:
-            if httpx.get(f"{ops_url or server.url}/health/ready", timeout=2).status_code == 200:
-                return
+            if httpx.get(url, timeout=2).status_code == 200:
+                return None
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError(f"ferry not ready within {timeout_s}s:\n{server.log()}")
+    return f"not ready within {timeout_s}s"
+
+
+def wait_until_ready(server: Server, timeout_s: float = 120.0, ops_url: str | None = None) -> None:
+    """Until ``/health/ready`` (on ``ops_url`` when the operations routes have their own port) says 200."""
+    failure = poll_ready(server.process, f"{ops_url or server.url}/health/ready", timeout_s)
+    if failure is None:
+        return
+    if server.process.poll() is None:
+        stop_server(server)
+    raise RuntimeError(f"ferry {failure}:\n{server.log()}")
 
 
 def stop_server(server: Server) -> int:

@@ -27,8 +27,8 @@ _SIMDJSON_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, UnicodeDecode
 
 
 class _Fallback(Exception):
-    """Decode this body with orjson instead: duplicate keys (simdjson keeps the first, orjson the last),
-    or a '[' in a string (the check against nested arrays counts '[' bytes)."""
+    """Decode this body with orjson instead: duplicate keys where the walk looks keys up (a lookup finds
+    the first, orjson keeps the last), or a '[' in a string (the nested-array check counts '[' bytes)."""
 
 
 def parse_object(
@@ -71,10 +71,7 @@ def loads_object(body: bytes, expected: str = "a JSON object") -> dict[str, Any]
 
 def _python(value: Any) -> Any:
     if isinstance(value, simdjson.Object):
-        items = list(value.keys())
-        if len(set(items)) != len(items):
-            raise _Fallback
-        return value.as_dict()
+        return value.as_dict()  # builds a dict key by key: the last of duplicate keys wins, as in orjson
     if isinstance(value, simdjson.Array):
         return value.as_list()
     return value

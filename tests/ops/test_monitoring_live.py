@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from conftest import poll_ready
 from monitoring_support import (
     EXTERNAL_METRICS,
     HTTP_METRICS,
@@ -156,17 +157,9 @@ def _start_prometheus(ferry_url: str, workdir: Path) -> tuple[subprocess.Popen[b
 
 
 def _wait_ready(process: subprocess.Popen[bytes], api: str, log_path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"prometheus exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{api}/-/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"prometheus not ready within {timeout_s}s:\n{log_path.read_text()}")
+    failure = poll_ready(process, f"{api}/-/ready", timeout_s)
+    if failure is not None:
+        pytest.fail(f"prometheus {failure}:\n{log_path.read_text()}")
 
 
 def test_prometheus_scrapes_ferry_and_answers_the_dashboard_queries(

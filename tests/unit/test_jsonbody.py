@@ -87,6 +87,8 @@ def test_duplicate_keys_resolve_as_orjson_does() -> None:
     assert plain(parse_object(body)) == orjson.loads(body) == {"inputs": [[3, 4]]}
     nested = b'{"inputs": {"x": [[1]], "x": [[2]]}}'
     assert plain(parse_object(nested)) == orjson.loads(nested)
+    deep = b'{"inputs": [[1]], "params": {"a": {"x": 1, "x": 2}, "a": {"x": 3, "x": 4}}}'
+    assert plain(parse_object(deep)) == orjson.loads(deep) == {"inputs": [[1]], "params": {"a": {"x": 4}}}
 
 
 @pytest.mark.parametrize(
