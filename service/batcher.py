@@ -53,7 +53,7 @@ class BatchResult:
     compute_s: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: a request leaves the queue by itself
 class _Pending:
     inputs: Arrays
     rows: int
@@ -114,7 +114,8 @@ class Batcher:
                     f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
                     queued_rows=self._rows,
                 )
-            self._queue.append(_Pending(inputs, rows, future, time.perf_counter(), params or None))
+            pending = _Pending(inputs, rows, future, time.perf_counter(), params or None)
+            self._queue.append(pending)
             self._rows += rows
             queued = self._rows
             self._arrived.notify()
@@ -124,7 +125,27 @@ class Batcher:
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError:
+            self._withdraw(pending)
             raise DeadlineExceeded(f"no result within the {timeout_s * 1000:.0f} ms deadline") from None
+        except asyncio.CancelledError:
+            self._withdraw(pending)
+            raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Take a request that gave up out of the queue at once, so its rows stop counting against the limit.
+
+        The worker may already have taken it (it then runs, and its result is dropped); the worker also
+        skips requests whose future is done, should one still be queued.
+        """
+        with self._lock:
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                return
+            self._rows -= pending.rows
+            queued = self._rows
+        if self._observer:
+            self._observer.queue(queued)
 
     async def close(self, drain: bool = True) -> None:
         """Refuse new requests; finish (``drain``) or fail the queued ones; stop the worker."""

@@ -136,11 +136,36 @@ async def test_deadline_passed_while_queued_is_504_and_skipped() -> None:
     await wait_entered(model)
     with pytest.raises(DeadlineExceeded):
         await batcher.submit(rows(7), 1, timeout_s=0.01)
+    assert batcher.queued_rows == 0  # it left the queue when it gave up, not when the worker got to it
     model.gate.set()
     await running
-    assert batcher.queued_rows == 0
     await batcher.close()
     assert model.calls == [1]  # the expired request never reached the model
+
+
+@pytest.mark.asyncio
+async def test_requests_that_gave_up_free_their_queue_space_at_once() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=4)
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await wait_entered(model)  # the model is busy: everything below waits in the queue
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(rows(1, 2, 3), 3, timeout_s=0.01)
+    cancelled = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 1
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert batcher.queued_rows == 0
+    kept = asyncio.create_task(batcher.submit(rows(1, 2, 3, 4), 4, 5))  # fits only if both left
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 4
+    model.gate.set()
+    await running
+    assert (await kept).outputs["y"].shape == (4, 1)
+    assert model.calls == [1, 4]
+    await batcher.close()
 
 
 @pytest.mark.asyncio
