@@ -7,7 +7,10 @@ batch itself the moment the model is free, so the model never waits for the even
 busy parsing a large body); the only hop back is one ``call_soon_threadsafe`` per batch that hands the
 results to the loop. Results are split back by row counts. Only requests with equal parameters share a
 batch (a model call takes one set). A failing batch fails only its own requests. A request with more
-rows than ``max_rows`` runs alone. The batcher knows no models, no HTTP and no metrics library.
+rows than ``max_rows`` runs alone. A request that gives up (deadline, cancellation) leaves the queue at
+once; one whose ``gone`` probe says nobody waits any more (its client hung up) is dropped when the worker
+reaches it, so queued work of departed clients never reaches the model. The batcher knows no models, no
+HTTP and no metrics library.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,8 @@ Arrays = Mapping[str, np.ndarray]
 Params = Mapping[str, Any]
 RunFn = Callable[[Arrays, Params | None], dict[str, np.ndarray]]
 """Runs the model on a batch of inputs with the parameters every request of the batch sent."""
+Probe = Callable[[], bool]
+"""True once nobody waits for a request's answer; called on the worker thread, so it must only read."""
 
 
 class BatchObserver(Protocol):
@@ -42,6 +54,8 @@ class BatchObserver(Protocol):
     def queue(self, rows: int) -> None: ...
 
     def failed(self, requests: int) -> None: ...
+
+    def abandoned(self, requests: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -60,6 +74,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued: float
     params: Params | None = None
+    gone: Probe | None = None
 
 
 class Batcher:
@@ -102,9 +117,18 @@ class Batcher:
         return self._rows
 
     async def submit(
-        self, inputs: Arrays, rows: int, timeout_s: float, params: Params | None = None
+        self,
+        inputs: Arrays,
+        rows: int,
+        timeout_s: float,
+        params: Params | None = None,
+        gone: Probe | None = None,
     ) -> BatchResult:
-        """Queue ``rows`` rows and wait for their outputs, at most ``timeout_s`` seconds."""
+        """Queue ``rows`` rows and wait for their outputs, at most ``timeout_s`` seconds.
+
+        ``gone``, when given, tells whether anybody still waits: the worker checks it before the rows
+        join a batch, and drops them (``ClientGone``) when it says no.
+        """
         if self._closing:
             raise NotReady("model is shutting down")
         future: asyncio.Future[BatchResult] = self._loop.create_future()
@@ -114,7 +138,7 @@ class Batcher:
                     f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
                     queued_rows=self._rows,
                 )
-            pending = _Pending(inputs, rows, future, time.perf_counter(), params or None)
+            pending = _Pending(inputs, rows, future, time.perf_counter(), params or None, gone)
             self._queue.append(pending)
             self._rows += rows
             queued = self._rows
@@ -181,25 +205,34 @@ class Batcher:
                         if remaining <= 0:
                             break
                         self._arrived.wait(remaining)
-                batch = self._take()
+                dropped: list[_Pending] = []
+                batch = self._take(dropped)
                 queued = self._rows
                 if batch:
                     self._inflight += 1
+            if dropped:
+                self._to_loop(self._abandon, dropped)
             if self._observer:
                 self._observer.queue(queued)
             if batch:
                 self._run(batch)
 
-    def _take(self) -> list[_Pending]:
-        """The next batch from the head of the queue (lock held)."""
+    def _take(self, dropped: list[_Pending]) -> list[_Pending]:
+        """The next batch from the head of the queue (lock held); requests nobody waits for go to
+        ``dropped``."""
         batch: list[_Pending] = []
         rows = 0
         queue = self._queue
         while queue:
             head = queue[0]
-            if head.future.done():  # timed out or cancelled while waiting
+            if head.future.done():  # timed out or cancelled, and not yet withdrawn
                 queue.popleft()
                 self._rows -= head.rows
+                continue
+            if head.gone is not None and head.gone():
+                queue.popleft()
+                self._rows -= head.rows
+                dropped.append(head)
                 continue
             if batch and (rows + head.rows > self._max_rows or head.params != batch[0].params):
                 break
@@ -248,6 +281,13 @@ class Batcher:
                 part = {k: v[offset:end] for k, v in outputs.items()} if len(batch) > 1 else outputs
                 p.future.set_result(BatchResult(part, start - p.enqueued, compute_s))
             offset += p.rows
+
+    def _abandon(self, dropped: list[_Pending]) -> None:
+        for p in dropped:
+            if not p.future.done():
+                p.future.set_exception(ClientGone("the client hung up before its rows reached the model"))
+        if self._observer:
+            self._observer.abandoned(len(dropped))
 
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         with self._lock:

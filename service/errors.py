@@ -14,6 +14,7 @@ FerryError
 ├── RegistryUnavailable   503 registry_unavailable  MLflow did not answer (the loaded versions keep serving)
 ├── Overloaded            503 overloaded           the model's queue is full (Retry-After)
 ├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
+├── ClientGone            499 client_closed_request  the client hung up before its rows reached the model
 ├── ModelLoadError        500 model_load_failed    a model version could not be loaded or warmed up
 ├── ConfigurationError    500 configuration_error  start-up settings that cannot work (e.g. CUDA absent)
 └── InferenceFailed       500 inference_failed     the model raised while computing a batch
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 class FerryError(Exception):
     """Base of every error Ferry raises on purpose."""
 
-    status: ClassVar[HTTPStatus] = HTTPStatus.INTERNAL_SERVER_ERROR
+    status: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
     code: ClassVar[str] = "internal_error"
 
     def __init__(self, message: str, **details: Any) -> None:
@@ -88,6 +89,14 @@ class Overloaded(FerryError):
 class DeadlineExceeded(FerryError):
     status = HTTPStatus.GATEWAY_TIMEOUT
     code = "deadline_exceeded"
+
+
+class ClientGone(FerryError):
+    """Nobody reads the answer: the model never ran these rows. 499 as nginx logs it; the client never
+    sees it, the access log and ``ferry_http_requests_total{status="499"}`` do."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class ModelLoadError(FerryError):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import Batcher
+from service.batcher import Batcher, Probe
 from service.cache import SingleFlight, TieredCache, cache_key, decode_outputs, encode_outputs
 from service.config import Settings
 from service.errors import (
@@ -62,6 +62,9 @@ class Answered:
 
 
 LAST_ANSWER: ContextVar[Answered | None] = ContextVar("ferry_last_answer", default=None)
+CLIENT_GONE: ContextVar[Probe | None] = ContextVar("ferry_client_gone", default=None)
+"""Set by the HTTP layer for each request: tells whether its client hung up (``None``: cannot tell).
+Queued rows of a client that left are dropped before they reach the model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,10 +421,13 @@ class InferenceService:
                 active.metrics.answered(protocol, rows)
                 LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, cache.ttl_s(name)))
                 return Prediction(name, version, outputs, cache="hit")
+        gone = CLIENT_GONE.get()
         if key is None:
-            outputs = await self._run(active, arrays, rows, params)
+            outputs = await self._run(active, arrays, rows, params, gone)
         else:
-            outputs = await active.flights.run(key, lambda: self._run(active, arrays, rows, params))
+            outputs = await active.flights.run(
+                key, lambda all_gone: self._run(active, arrays, rows, params, all_gone), gone
+            )
             assert cache is not None
             with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
                 await cache.set(name, key, encode_outputs(outputs), cache.ttl_s(name))
@@ -437,10 +443,11 @@ class InferenceService:
         arrays: dict[str, np.ndarray],
         rows: int,
         params: Mapping[str, Any] | None = None,
+        gone: Probe | None = None,
     ) -> dict[str, np.ndarray]:
         m = active.metrics
         try:
-            result = await active.batcher.submit(arrays, rows, self._timeout_s, params)
+            result = await active.batcher.submit(arrays, rows, self._timeout_s, params, gone)
         except Overloaded:
             m.overload.inc()
             raise

@@ -37,7 +37,7 @@ MAX_CLASS_LABELS = 32
 """Classifiers with more classes than this count their predictions in one ``other`` label."""
 
 STAGES = ("queue", "compute", "total")
-REJECT_REASONS = ("overload", "timeout", "invalid_input")
+REJECT_REASONS = ("overload", "timeout", "invalid_input", "client_gone")
 
 
 class Metrics:
@@ -121,7 +121,8 @@ class Metrics:
         self.rejected = Counter(
             "ferry_requests_rejected_total",
             "Inference requests refused, by reason: overload (queue full), timeout (deadline passed), "
-            "invalid_input (did not match the signature).",
+            "invalid_input (did not match the signature), client_gone (the client hung up while the "
+            "request waited in the queue: the model never ran it).",
             ["model", "reason"],
             registry=r,
         )
@@ -252,6 +253,7 @@ class ModelMetrics:
         self.invalid = metrics.rejected.labels(name, "invalid_input")
         self.overload = metrics.rejected.labels(name, "overload")
         self.timeout = metrics.rejected.labels(name, "timeout")
+        self.client_gone = metrics.rejected.labels(name, "client_gone")
         self.failures = metrics.failures.labels(name, version)
         self._metrics, self._name, self._version = metrics, name, version
         self.classes = [
@@ -293,6 +295,9 @@ class ModelMetrics:
 
     def failed(self, requests: int) -> None:
         self.failures.inc()
+
+    def abandoned(self, requests: int) -> None:
+        self.client_gone.inc(requests)
 
     def outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Drift summary of a batch (runs in the worker thread, off the event loop)."""

@@ -6,6 +6,10 @@ endpoint that parses JSON and returns a constant answers about 7,000 requests/s,
 19,000. The inference routes are declared on the FastAPI app like every other route (so OpenAPI, docs
 and the route table show them), and this middleware calls the very same endpoint functions directly
 when method and path match, with the same error rendering. Every other route goes through FastAPI.
+
+It also tells the inference service how to see that a request's client hung up (``CLIENT_GONE``), so
+rows still queued for a departed client are dropped instead of computed: under overload, clients that
+time out and retry would otherwise make the model compute answers nobody reads.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from service.api import errors
 from service.api.auth import KeyRing
 from service.api.deps import service_of
 from service.api.replay import ResponseCache
+from service.batcher import Probe
 from service.errors import FerryError, PayloadTooLarge
-from service.inference import LAST_ANSWER
+from service.inference import CLIENT_GONE, LAST_ANSWER
 from service.metrics import Metrics
 
 Endpoint = Callable[..., Awaitable[Response]]
@@ -63,8 +68,10 @@ class FastPath:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
         match = self._match(scope["method"], scope["path"])
+        if match is not None:
+            CLIENT_GONE.set(hangup_probe(receive))
+        receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
         if match is not None:
             await self._serve(scope, receive, send, *match)
             return
@@ -129,6 +136,17 @@ class FastPath:
             if want == method and (m := pattern.fullmatch(path)):
                 return route, m.groupdict()
         return None
+
+
+def hangup_probe(receive: Receive) -> Probe | None:
+    """A probe that turns true once the request's client has disconnected, or ``None`` if this server
+    cannot tell. uvicorn hands the app its request cycle's bound ``receive``, and the cycle's
+    ``disconnected`` flips when the connection drops (tests/integration/test_hangup.py pins this down
+    on the uvicorn version Ferry ships with)."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: cycle.disconnected
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -9,20 +9,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Registry, Server, start_server, stop_server
+from conftest import Registry, Server, metric, start_server, stop_server
 
 pytestmark = pytest.mark.integration
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def expected_linear(row: list[float]) -> list[float]:

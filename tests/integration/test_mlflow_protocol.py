@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Registry, Server, start_server, stop_server
+from conftest import Registry, Server, metric, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -209,12 +208,7 @@ def test_bad_input_gets_mlflows_error(
 def test_requests_are_counted_under_the_mlflow_protocol(ferry_server: Server) -> None:
     def count() -> float:
         text = httpx.get(f"{ferry_server.url}/metrics").text
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == "ferry_inference_requests_total" and s.labels.get("protocol") == "mlflow"
-        )
+        return metric(text, "ferry_inference_requests_total", protocol="mlflow")
 
     before = count()
     assert httpx.post(f"{ferry_server.url}/invocations", json={"inputs": ROWS}).status_code == 200

@@ -17,9 +17,17 @@ import pytest
 import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from test_api import metric
 
-from conftest import Registry, Server, fault_summary, linear_module, log_torch, start_server, stop_server
+from conftest import (
+    Registry,
+    Server,
+    fault_summary,
+    linear_module,
+    log_torch,
+    metric,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.integration
 EXAMPLE = np.arange(8, dtype=np.float32).reshape(2, 4)

@@ -10,10 +10,9 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server
+from conftest import Server, metric
 
 pytestmark = pytest.mark.integration
 
@@ -234,21 +233,12 @@ def test_unknown_v2_paths_keep_the_protocols_error(ferry_server: Server) -> None
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
 
 
-def _count(text: str, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def test_requests_are_counted_under_the_v2_protocol(ferry_server: Server) -> None:
     def count() -> tuple[float, float]:
         text = httpx.get(f"{ferry_server.url}/metrics").text
         return (
-            _count(text, "ferry_inference_requests_total", model="linear-onnx", protocol="v2"),
-            _count(text, "ferry_requests_rejected_total", model="linear-onnx", reason="invalid_input"),
+            metric(text, "ferry_inference_requests_total", model="linear-onnx", protocol="v2"),
+            metric(text, "ferry_requests_rejected_total", model="linear-onnx", reason="invalid_input"),
         )
 
     before = count()

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, NotReady, Overloaded
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+)
 
 
 class GatedModel:
@@ -320,4 +327,59 @@ async def test_invalid_params_are_the_clients_error_not_a_failed_batch() -> None
     batcher = Batcher(strict, max_rows=8, queue_rows=64)
     with pytest.raises(InvalidInput, match="must be an integer"):
         await batcher.submit(rows(1), 1, 5, params={"t": "x"})
+    await batcher.close()
+
+
+class Counting:
+    """A BatchObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.abandoned_requests = 0
+
+    def batch(self, rows: int, compute_s: float) -> None:
+        self.batches.append(rows)
+
+    def queue(self, rows: int) -> None:
+        pass
+
+    def failed(self, requests: int) -> None:
+        pass
+
+    def abandoned(self, requests: int) -> None:
+        self.abandoned_requests += requests
+
+
+@pytest.mark.asyncio
+async def test_queued_rows_of_a_client_that_left_are_dropped_before_the_model_runs() -> None:
+    model, observer = GatedModel(), Counting()
+    batcher = Batcher(model, max_rows=64, queue_rows=64, observer=observer)
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5, gone=lambda: False))
+    await wait_entered(model)  # busy: the two below queue
+    left = [False]
+    leaving = asyncio.create_task(batcher.submit(rows(2, 3), 2, 5, gone=lambda: left[0]))
+    staying = asyncio.create_task(batcher.submit(rows(4), 1, 5, gone=lambda: False))
+    await asyncio.sleep(0)
+    left[0] = True  # that client hangs up while its rows wait
+    model.gate.set()
+    await running
+    with pytest.raises(ClientGone) as info:
+        await leaving
+    assert info.value.status == 499
+    assert (await staying).outputs["y"].item() == 8
+    assert model.calls == [1, 1]  # the departed client's two rows never reached the model
+    assert observer.abandoned_requests == 1 and batcher.queued_rows == 0
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_after_its_rows_joined_a_batch_changes_nothing() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, max_rows=64, queue_rows=64)
+    left = [False]
+    running = asyncio.create_task(batcher.submit(rows(1), 1, 5, gone=lambda: left[0]))
+    await wait_entered(model)
+    left[0] = True  # too late: the model already computes it
+    model.gate.set()
+    assert (await running).outputs["y"].item() == 2
     await batcher.close()

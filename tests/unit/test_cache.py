@@ -637,9 +637,11 @@ class Gated:
         self.gate, self.started = asyncio.Event(), asyncio.Event()
         self.calls = self.cancelled = 0
         self.result, self.error = result, error
+        self.gone: Callable[[], bool] | None = None
 
-    async def __call__(self) -> object:
+    async def __call__(self, gone: Callable[[], bool] | None = None) -> object:
         self.calls += 1
+        self.gone = gone
         self.started.set()
         try:
             await self.gate.wait()
@@ -651,8 +653,10 @@ class Gated:
         return self.result
 
 
-async def start(flight: SingleFlight, key: bytes, fn: Callable[[], Any], n: int) -> list[asyncio.Task[Any]]:
-    tasks = [asyncio.create_task(flight.run(key, fn)) for _ in range(n)]
+async def start(
+    flight: SingleFlight, key: bytes, fn: Callable[..., Any], n: int, probes: list[Any] | None = None
+) -> list[asyncio.Task[Any]]:
+    tasks = [asyncio.create_task(flight.run(key, fn, (probes or [None] * n)[i])) for i in range(n)]
     for _ in range(3):
         await asyncio.sleep(0)  # let each task reach its await (scheduling, not timing)
     return tasks
@@ -717,3 +721,31 @@ async def test_single_flight_last_waiter_leaving_cancels_the_work() -> None:
     fresh = Gated("fresh")
     fresh.gate.set()
     assert await flight.run(b"k", fresh) == "fresh"
+
+
+@pytest.mark.asyncio
+async def test_single_flight_work_counts_as_abandoned_only_when_every_waiter_is_gone() -> None:
+    flight, fn = SingleFlight(), Gated()
+    gone = [False, False]
+    tasks = await start(flight, b"k", fn, 2, probes=[lambda: gone[0], lambda: gone[1]])
+    await fn.started.wait()
+    assert fn.gone is not None and not fn.gone()
+    gone[0] = True  # the first client hung up; the second still waits
+    assert not fn.gone()
+    gone[1] = True
+    assert fn.gone()
+    fn.gate.set()
+    assert await asyncio.gather(*tasks) == ["result"] * 2
+
+
+@pytest.mark.asyncio
+async def test_single_flight_with_a_waiter_that_brought_no_probe_is_never_abandoned() -> None:
+    flight, fn = SingleFlight(), Gated()
+    tasks = await start(flight, b"k", fn, 2, probes=[lambda: True, None])
+    await fn.started.wait()
+    assert fn.gone is not None and not fn.gone()
+    fn.gate.set()
+    assert await asyncio.gather(*tasks) == ["result"] * 2
+    lone = Gated("lone")
+    lone.gate.set()
+    assert await flight.run(b"j", lone) == "lone" and lone.gone is None  # no probe, none passed on
