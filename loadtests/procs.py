@@ -8,6 +8,7 @@ runs uvicorn as a child). Nothing here waits without a deadline.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -93,18 +94,40 @@ def start_server(
 
 
 def wait_ready(server: Server, path: str, timeout_s: float) -> None:
+    """Until ``GET path`` answers 200. Fails at once when the server exits, or when Ferry's readiness
+    says a model failed to load (it would only retry on its next registry poll, minutes later)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log()}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(server.url + path, timeout=2) as response,  # noqa: S310 (loopback)
-        ):
-            if response.status == 200:
-                return
+        try:
+            with urllib.request.urlopen(server.url + path, timeout=2) as response:  # noqa: S310 (loopback)
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:
+            failed = _failed_models(error.read())
+            if failed:
+                raise RuntimeError(
+                    f"{server.name}: model(s) {', '.join(failed)} failed to load (is the registry "
+                    f"populated? `make register-demo`):\n{server.log()}"
+                ) from None
+        except OSError:
+            pass
         time.sleep(0.25)
     raise RuntimeError(f"{server.name} not ready within {timeout_s:.0f}s:\n{server.log()}")
+
+
+def _failed_models(body: bytes) -> list[str]:
+    """Models a Ferry readiness body (``{"models": {name: state}}``) reports as failed."""
+    try:
+        models = json.loads(body).get("models", {})
+    except (ValueError, AttributeError):
+        return []
+    return (
+        sorted(name for name, state in models.items() if state == "failed")
+        if isinstance(models, dict)
+        else []
+    )
 
 
 def stop_server(server: Server, timeout_s: float = 30.0) -> int:
