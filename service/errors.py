@@ -93,7 +93,7 @@ class DeadlineExceeded(FerryError):
 
 class ClientGone(FerryError):
     """Nobody reads the answer: the model never ran these rows. 499 as nginx logs it; the client never
-    sees it, the access log and ``ferry_http_requests_total{status="499"}`` do."""
+    sees it; ``http_requests_total{status="499"}`` and ``ferry_requests_rejected_total`` count it."""
 
     status = 499
     code = "client_closed_request"

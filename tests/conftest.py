@@ -146,6 +146,25 @@ def _register(name: str, info, alias: str | None = None) -> str:  # type: ignore
     return str(version.version)
 
 
+def register_code_model(
+    registry: Registry, name: str, code: Path, example: np.ndarray, params: dict[str, Any]
+) -> None:
+    """Log the pyfunc model of the models-from-code file ``code`` (output shaped like its input, taking
+    ``params``) and register it as ``name@champion`` in ``registry``."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            signature=infer_signature(example, example, params=params),
+            input_example=example,
+        )
+    _register(name, info, alias="champion")
+
+
 def log_torch(module, example: np.ndarray):  # type: ignore[no-untyped-def]
     import mlflow
     import torch

@@ -70,11 +70,10 @@ class FastPath:
             return
         match = self._match(scope["method"], scope["path"])
         if match is not None:
-            CLIENT_GONE.set(hangup_probe(receive))
-        receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
-        if match is not None:
-            await self._serve(scope, receive, send, *match)
+            CLIENT_GONE.set(hangup_probe(receive))  # from uvicorn's own receive, before it is wrapped
+            await self._serve(scope, _limited(receive, self._max_body), send, *match)
             return
+        receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
         declared = _content_length(scope)
         if declared is not None and declared > self._max_body:
             request = Request(scope, receive)

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Registry, Server, _register, metric, start_server, stop_server
+from conftest import Registry, Server, metric, register_code_model, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +24,9 @@ X = np.zeros((2, 3), dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def gated_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("gated_model.py")),
-            signature=infer_signature(X, X, params={"gate": "", "log": ""}),
-            input_example=X,
-        )
-    _register("gated", info, alias="champion")
+    register_code_model(
+        registry, "gated", Path(__file__).with_name("gated_model.py"), X, {"gate": "", "log": ""}
+    )
     # The cache stays on (the default): hung-up requests go through its single-flight path.
     server = start_server(registry, "gated=models:/gated@champion", tmp_path_factory.mktemp("gated"))
     yield server

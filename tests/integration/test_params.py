@@ -12,25 +12,14 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Registry, Server, _register, start_server, stop_server
+from conftest import Registry, Server, register_code_model, start_server, stop_server
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
 
 @pytest.fixture(scope="module")
 def scaler_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("scaler_model.py")),
-            signature=infer_signature(X, X, params={"scale": 1.0}),
-            input_example=X,
-        )
-    _register("scaler", info, alias="champion")
+    register_code_model(registry, "scaler", Path(__file__).with_name("scaler_model.py"), X, {"scale": 1.0})
     server = start_server(
         registry, "scaler=models:/scaler@champion", tmp_path_factory.mktemp("scaler"),
         {"FERRY_CACHE__ENABLED": "true"},

@@ -53,6 +53,27 @@ async def wait_entered(model: GatedModel) -> None:
     model.entered.clear()
 
 
+class Counting:
+    """A BatchObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.failed_batches: list[int] = []
+        self.abandoned_requests = 0
+
+    def batch(self, rows: int, compute_s: float) -> None:
+        self.batches.append(rows)
+
+    def queue(self, rows: int) -> None:
+        pass
+
+    def failed(self, requests: int) -> None:
+        self.failed_batches.append(requests)
+
+    def abandoned(self, requests: int) -> None:
+        self.abandoned_requests += requests
+
+
 @pytest.mark.asyncio
 async def test_idle_model_runs_a_lone_request_at_once() -> None:
     model = GatedModel(gated=False)
@@ -204,21 +225,7 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
             raise RuntimeError("boom")
         return {"y": inputs["x"] * 2}
 
-    class Observer:
-        def __init__(self) -> None:
-            self.failed_batches: list[int] = []
-            self.batches: list[int] = []
-
-        def batch(self, rows: int, compute_s: float) -> None:
-            self.batches.append(rows)
-
-        def queue(self, rows: int) -> None:
-            pass
-
-        def failed(self, requests: int) -> None:
-            self.failed_batches.append(requests)
-
-    observer = Observer()
+    observer = Counting()
     batcher = Batcher(flaky, max_rows=1, queue_rows=64, observer=observer)
     bad, good = await asyncio.gather(
         batcher.submit(rows(-1), 1, 5), batcher.submit(rows(4), 1, 5), return_exceptions=True
@@ -328,26 +335,6 @@ async def test_invalid_params_are_the_clients_error_not_a_failed_batch() -> None
     with pytest.raises(InvalidInput, match="must be an integer"):
         await batcher.submit(rows(1), 1, 5, params={"t": "x"})
     await batcher.close()
-
-
-class Counting:
-    """A BatchObserver that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.abandoned_requests = 0
-
-    def batch(self, rows: int, compute_s: float) -> None:
-        self.batches.append(rows)
-
-    def queue(self, rows: int) -> None:
-        pass
-
-    def failed(self, requests: int) -> None:
-        pass
-
-    def abandoned(self, requests: int) -> None:
-        self.abandoned_requests += requests
 
 
 @pytest.mark.asyncio
