@@ -120,14 +120,10 @@ def wait_ready(server: Server, path: str, timeout_s: float) -> None:
 def _failed_models(body: bytes) -> list[str]:
     """Models a Ferry readiness body (``{"models": {name: state}}``) reports as failed."""
     try:
-        models = json.loads(body).get("models", {})
-    except (ValueError, AttributeError):
+        models = json.loads(body)["models"]
+        return sorted(name for name, state in models.items() if state == "failed")
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a Ferry readiness body
         return []
-    return (
-        sorted(name for name, state in models.items() if state == "failed")
-        if isinstance(models, dict)
-        else []
-    )
 
 
 def stop_server(server: Server, timeout_s: float = 30.0) -> int:

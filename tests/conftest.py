@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +274,16 @@ def start_server(
     if wait_ready:
         wait_until_ready(server)
     return server
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.001) -> bool:
+    """Poll ``condition`` until it holds (``True``) or ``timeout_s`` passes (``False``)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Registry, Server, metric, register_code_model, start_server, stop_server
+from conftest import Registry, Server, metric, register_code_model, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +32,8 @@ def gated_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -
     stop_server(server)
 
 
-def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+def until(condition: Callable[[], bool], what: str) -> None:
+    assert wait_until(condition, timeout_s=30, interval_s=0.02), f"timed out waiting for {what}"
 
 
 def metrics(server: Server, name: str, **labels: str) -> float:

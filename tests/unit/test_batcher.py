@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 
+from conftest import wait_until
 from service.batcher import Batcher
 from service.errors import (
     ClientGone,
@@ -274,7 +274,7 @@ async def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy() -> 
     await asyncio.sleep(0)  # the three requests queue their rows
     finished = threading.Event()
     watcher = threading.Thread(
-        target=lambda: finished.set() if _wait_for(lambda: batcher.batches == 3) else None
+        target=lambda: finished.set() if wait_until(lambda: batcher.batches == 3) else None
     )
     watcher.start()
     watcher.join(10)  # blocks the event loop on purpose
@@ -296,15 +296,6 @@ async def test_drain_finishes_queued_and_running_requests() -> None:
     model.gate.set()
     await closing
     assert [r.outputs["y"].tolist() for r in await asyncio.gather(*tasks)] == [[[2.0]], [[4.0]]]
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 @pytest.mark.asyncio

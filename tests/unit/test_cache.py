@@ -656,7 +656,7 @@ class Gated:
 async def start(
     flight: SingleFlight, key: bytes, fn: Callable[..., Any], n: int, probes: list[Any] | None = None
 ) -> list[asyncio.Task[Any]]:
-    tasks = [asyncio.create_task(flight.run(key, fn, (probes or [None] * n)[i])) for i in range(n)]
+    tasks = [asyncio.create_task(flight.run(key, fn, probe)) for probe in probes or [None] * n]
     for _ in range(3):
         await asyncio.sleep(0)  # let each task reach its await (scheduling, not timing)
     return tasks
