@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System tools that Ferry's tests and benchmark run for real: redis-server (cache tests), promtool and
-# prometheus (rule tests, scrape test), wrk (benchmark). Installs what is missing from Debian's
-# packages when run as root with apt-get; otherwise says exactly what is missing and how to get it.
+# prometheus (rule tests, scrape test), wrk (benchmark), chromium (the /docs page, headless). Installs
+# what is missing from Debian's packages when run as root with apt-get; otherwise says exactly what is
+# missing and how to get it.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 ((${#need[@]})) || exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "tools.sh: installing ${need[*]} from Debian's packages" >&2

@@ -21,7 +21,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator.metrics import Info
 
 from service import __version__
-from service.api import errors
+from service.api import docs, errors
 from service.api.auth import KeyRing
 from service.api.middleware import FastPath
 from service.api.replay import ResponseCache
@@ -69,6 +69,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         version=__version__,
         description="Serve MLflow-registered PyTorch and ONNX models: batching, caching, metrics.",
         lifespan=lifespan,
+        docs_url=None,  # service/api/docs.py serves /docs without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -101,6 +103,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(mlflow.router)
+    docs.install(app)
     return app
 
 
