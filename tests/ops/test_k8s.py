@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -14,6 +16,7 @@ from delivery_support import (
     ADAPTER_VALUES,
     DELIVERY_DOC,
     OVERLAYS,
+    ROOT,
     UID,
     container,
     one,
@@ -22,12 +25,14 @@ from delivery_support import (
     selector_matches,
     settings_from,
 )
+from service.api.app import create_app, create_ops_app, route_table
 from service.config import Settings
 
 ENVIRONMENTS = sorted(OVERLAYS)
 K8S_VERSIONS = ["1.33.0", kubernetes_validate.latest_version()]
 """The oldest Kubernetes still in upstream support when this was written, and the newest schemas the
 installed kubernetes-validate carries."""
+README = ROOT / "README.md"
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 """Kinds without a schema in kubernetes-validate (CRDs); test_service_monitor checks them instead."""
 
@@ -73,16 +78,73 @@ def _http_probe(probe: dict[str, Any]) -> tuple[str, str]:
     return probe["httpGet"]["path"], probe["httpGet"]["port"]
 
 
+PROBES = {"startupProbe": "/health/ready", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+"""Start-up waits for the models (liveness checks begin only once they are loaded and warmed up, so slow
+loading never restarts a pod); readiness follows them and shutdown; liveness is only "the process
+answers", so a failed reload never restarts a pod that serves the old version."""
+_DOC_PROBES = re.compile(r"start-up and readiness on `(/[^`]+)`, liveness on `(/[^`]+)`", re.IGNORECASE)
+
+
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_probes_use_ferrys_health_routes(env: str) -> None:
     c = container(env)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert _http_probe(c["startupProbe"]) == ("/health/live", "http")
-    assert _http_probe(c["livenessProbe"]) == ("/health/live", "http")
-    assert _http_probe(c["readinessProbe"]) == ("/health/ready", "http")
-    assert "http" in ports
+    assert {probe: _http_probe(c[probe])[0] for probe in PROBES} == PROBES
     startup = c["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "time to import torch and MLflow"
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= (600 if env == "production" else 300), "time to load and warm up every model"
+
+
+def _health_port_problems(env: str, settings: Settings) -> list[str]:
+    """Where a probe or the ServiceMonitor would miss the listener that serves the health routes and
+    /metrics: the main port, or FERRY_METRICS_PORT's own (``create_ops_app``) when that is set."""
+    app = create_app(settings)
+    ops_port = settings.metrics_port if settings.metrics_port is not None else settings.port
+    served = route_table(create_ops_app(app) if settings.metrics_port is not None else app)
+    c = container(env)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    problems = []
+    for probe in PROBES:
+        path, port = _http_probe(c[probe])
+        if ports.get(port, port) != ops_port:
+            problems.append(f"{probe} on port {port}, but {path} is served on {ops_port}")
+        if path not in served:
+            problems.append(f"{probe}: {path} is not served on port {ops_port}")
+    targets = {p["name"]: p["targetPort"] for p in one(env, "Service")["spec"]["ports"]}
+    for endpoint in one(env, "ServiceMonitor")["spec"]["endpoints"]:
+        target = targets.get(endpoint["port"])
+        if ports.get(target, target) != ops_port:
+            problems.append(f"ServiceMonitor scrapes port {endpoint['port']}, /metrics is on {ops_port}")
+    return problems
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_probes_reach_the_port_that_serves_health(env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _health_port_problems(env, _settings(env, monkeypatch)) == []
+
+
+def test_health_port_check_sees_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FERRY_METRICS_PORT the health routes leave the main port: probes on `http` would fail."""
+    settings = _settings("staging", monkeypatch).model_copy(update={"metrics_port": 9100})
+    problems = _health_port_problems("staging", settings)
+    assert any("startupProbe on port http" in p for p in problems), problems
+    assert any("ServiceMonitor scrapes port http" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("doc", [README, DELIVERY_DOC], ids=lambda p: p.name)
+def test_docs_state_the_probes_the_manifests_use(doc: Path) -> None:
+    """README and docs/delivery.md say "start-up and readiness on `X`, liveness on `Y`", as deployed."""
+    found = _DOC_PROBES.findall(" ".join(doc.read_text().split()))
+    assert found, f"{doc.name} does not say which paths the probes use"
+    deployed = {
+        (
+            _http_probe(c["startupProbe"])[0],
+            _http_probe(c["readinessProbe"])[0],
+            _http_probe(c["livenessProbe"])[0],
+        )
+        for c in map(container, ENVIRONMENTS)
+    }
+    for ready, live in found:
+        assert {(ready, ready, live)} == deployed, f"{doc.name} says {ready}, {live}; deployed: {deployed}"
 
 
 def _settings(env: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
