@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,23 @@ class ActiveVersion:
 
 
 @dataclass(slots=True)
+class Loading:
+    """The one load of a model in progress: what it loads and the task doing it."""
+
+    uri: str
+    version: str | None
+    """The version it loads; ``None`` until the URI is resolved."""
+    task: asyncio.Task[ModelSlot] = field(init=False)
+
+    def joins(self, uri: str, ref: ModelRef | None) -> bool:
+        """Whether a caller asking for ``uri`` (resolved to ``ref``, if it already was) gets what this
+        load will give: the same URI, and no version known on either side that differs."""
+        return (
+            self.uri == uri and (ref is None or self.version is None or self.version == ref.version)
+        ) and not self.task.done()
+
+
+@dataclass(slots=True)
 class ModelSlot:
     """One served model: its configuration, its state and the version that answers now."""
 
@@ -96,6 +113,8 @@ class ModelSlot:
     state: str = "loading"
     active: ActiveVersion | None = None
     error: str | None = None
+    loading: Loading | None = None
+    """The load in progress, if any: at most one per model at a time (see ``InferenceService.load``)."""
 
     @property
     def name(self) -> str:
@@ -130,26 +149,62 @@ class InferenceService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load every configured model; a broken one is reported, not fatal (bad settings are)."""
-        for slot in self._slots.values():
-            try:
-                await self.load(slot.name)
-            except ConfigurationError:
-                raise
-            except FerryError as exc:
-                log.error("model %s not loaded: %s", slot.name, exc.message)
+        """Load every configured model at once; a broken one is reported, not fatal (bad settings are).
+        MLflow's loaders that are not thread-safe are serialized in the registry, downloads are not."""
+        results = await asyncio.gather(
+            *(self.load(slot.name) for slot in self._slots.values()), return_exceptions=True
+        )
+        for slot, result in zip(self._slots.values(), results, strict=True):
+            if isinstance(result, ConfigurationError):
+                raise result
+            if isinstance(result, FerryError):
+                log.error("model %s not loaded: %s", slot.name, result.message)
+            elif isinstance(result, BaseException):  # cancelled: the server is stopping
+                raise result
+
+    def loading(self, name: str) -> bool:
+        """Whether a load of ``name`` is in progress (the reloader then skips its poll)."""
+        slot = self._slots.get(name)
+        return slot is not None and slot.loading is not None and not slot.loading.task.done()
 
     async def load(self, name: str, uri: str | None = None, ref: ModelRef | None = None) -> ModelSlot:
         """Resolve (unless ``ref`` is given), download, load and warm up a version of ``name``, then swap
         it in with one reference assignment and drain the old version. A version that fails any step
-        is never swapped in: the old one keeps serving."""
+        is never swapped in: the old one keeps serving.
+
+        Every load of a model goes through here (start-up, the reloader, the admin API), and at most
+        one runs per model: a caller asking for what the load in progress will give joins it; any other
+        load waits for it to finish. MLflow's loaders keep process-wide state, so two loads of one
+        version at once fail or load it twice. A caller that is cancelled leaves the load running."""
         slot = self._slots[name]
-        spec = ModelSpec(name, uri or slot.spec.uri)
+        uri = uri or slot.spec.uri
+        pending = slot.loading
+        if pending is not None and pending.joins(uri, ref):
+            return await asyncio.shield(pending.task)
+        before = pending.task if pending is not None and not pending.task.done() else None
+        loading = Loading(uri, ref.version if ref is not None else None)
+        loading.task = asyncio.create_task(self._load_after(before, slot, loading, ref), name=f"load-{name}")
+        slot.loading = loading
+        loading.task.add_done_callback(lambda _: _clear(slot, loading))
+        return await asyncio.shield(loading.task)
+
+    async def _load_after(
+        self, before: asyncio.Task[ModelSlot] | None, slot: ModelSlot, loading: Loading, ref: ModelRef | None
+    ) -> ModelSlot:
+        if before is not None:
+            with contextlib.suppress(Exception):
+                await before
+        return await self._load(slot, loading, ref)
+
+    async def _load(self, slot: ModelSlot, loading: Loading, ref: ModelRef | None) -> ModelSlot:
+        name = slot.name
+        spec = ModelSpec(name, loading.uri)
         started = time.perf_counter()
         stage = "resolve"
         try:
             if ref is None:
                 ref = await asyncio.to_thread(self._registry.resolve, spec.uri)
+                loading.version = ref.version
             stage = "load"
             model = await asyncio.to_thread(self._registry.load, name, ref)
             stage = "warmup"
@@ -160,12 +215,15 @@ class InferenceService:
                 await batcher.close(drain=False)
                 model.runtime.close()
                 raise
-        except FerryError as exc:
+        except Exception as exc:
+            failure = _load_failure(name, stage, exc)
             self._metrics.load_failures.labels(name, stage).inc()
             if slot.active is None:
-                slot.state, slot.error = "failed", exc.message
+                slot.state, slot.error = "failed", failure.message
                 self._metrics.model_ready.labels(name).set(0)
-            raise
+            if failure is exc:
+                raise
+            raise failure from exc
         info = model.runtime.info
         labels = (
             name,
@@ -210,6 +268,8 @@ class InferenceService:
         """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed."""
         slot = self.find(name)
         del self._slots[name]
+        if slot.loading is not None:
+            slot.loading.task.cancel()
         self.generation += 1
         if self._default == name:
             self._default = next(iter(self._slots), None)
@@ -230,6 +290,10 @@ class InferenceService:
 
     async def close(self) -> None:
         self.shutting_down = True
+        loads = [s.loading.task for s in self._slots.values() if s.loading is not None]
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         if self._cache is not None:
             await self._cache.close()
         for slot in self._slots.values():
@@ -457,3 +521,18 @@ class InferenceService:
         m.queue_s.observe(result.queue_s)
         m.compute_s.observe(result.compute_s)
         return result.outputs
+
+
+def _clear(slot: ModelSlot, loading: Loading) -> None:
+    """A finished load stops being the slot's load in progress (unless a later one already is)."""
+    if slot.loading is loading:
+        slot.loading = None
+
+
+def _load_failure(name: str, stage: str, exc: Exception) -> FerryError:
+    """Any exception of a load as a Ferry error: one Ferry does not know (a full disk while downloading,
+    a bug in a model's code) becomes a ``ModelLoadError``, logged once with its traceback."""
+    if isinstance(exc, FerryError):
+        return exc
+    log.error("model %s: %s failed", name, stage, exc_info=exc)
+    return ModelLoadError(f"model {name} failed at {stage}: {exc!r}")

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)/(?P<path>.+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LOADER = threading.Lock()
+"""Held while MLflow's flavor loaders run, across every model of the process. They keep process-wide
+state that two loads at once corrupt: ``torch.export.load`` (MLflow's ``pt2`` PyTorch format) sets a
+module-global deserializer and fails a second one ("_CURRENT_DESERIALIZER is already set"); a
+models-from-code pyfunc hands its model over in ``mlflow.models.model.__mlflow_model__``, so a second
+load in between gives the first one the wrong model; pyfunc loading also edits ``sys.path`` for a model's
+code and clears a global dependency schema. ONNX models load through ONNX Runtime, whose sessions are
+built independently, and downloads hold no global state: neither takes the lock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +147,11 @@ class ModelRegistry:
             if "onnx" in meta.flavors:
                 flavor, runtime, signature_inputs, signature_outputs = "onnx", *self._onnx(local, meta)
             elif "pytorch" in meta.flavors:
-                flavor, runtime = "pytorch", self._torch(local, signature_inputs, signature_outputs)
+                with _LOADER:
+                    flavor, runtime = "pytorch", self._torch(local, signature_inputs, signature_outputs)
             elif "python_function" in meta.flavors:
-                flavor, runtime = "pyfunc", self._pyfunc(local, meta, signature_inputs, signature_outputs)
+                with _LOADER:
+                    flavor, runtime = "pyfunc", self._pyfunc(local, meta, signature_inputs, signature_outputs)
             else:
                 raise ModelLoadError(f"model {name} v{ref.version} has no flavor Ferry can serve")
         except (ModelLoadError, ConfigurationError):

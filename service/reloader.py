@@ -51,12 +51,21 @@ class Reloader:
             await self.check_all()
 
     async def check_all(self) -> None:
+        """One poll of every model. Whatever goes wrong with one model is logged and leaves the others,
+        and later polls, unaffected: alias following never stops."""
         for slot in self._service.slots():
-            if not self._service.shutting_down:
+            if self._service.shutting_down:
+                return
+            try:
                 await self.check(slot)
+            except Exception:
+                log.exception("model %s: alias check failed; trying again at the next poll", slot.name)
 
     async def check(self, slot: ModelSlot) -> str:
-        """Look up ``slot``'s URI once; returns what happened (for tests and logs)."""
+        """Look up ``slot``'s URI once; returns what happened (for tests and logs). A model whose load is
+        in progress (start-up, the admin API) is skipped: that load is the one that counts."""
+        if self._service.loading(slot.name):
+            return "loading"
         try:
             ref = await asyncio.to_thread(self._registry.resolve, slot.spec.uri)
         except FerryError as exc:
@@ -74,6 +83,8 @@ class Reloader:
         rejected = self._rejected.get(slot.name)
         if rejected is not None and rejected.version == ref.version and time.monotonic() < rejected.retry_at:
             return "backoff"
+        if self._service.loading(slot.name):  # a load began while the registry answered
+            return "loading"
         try:
             await self._service.load(slot.name, ref=ref)
         except FerryError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Registry, fault_summary, start_server
+from conftest import Registry, fault_summary, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_sigterm_drains_without_dropping_accepted_requests(registry: Registry, t
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: len(statuses) >= 8, timeout_s=30, interval_s=0.05)
         served_before = len(statuses)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
