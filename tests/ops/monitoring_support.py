@@ -232,8 +232,13 @@ class _FakeNvml:
         return lambda *args: values.get(name, 1)
 
 
+def register_fake_gpu(registry: CollectorRegistry) -> None:
+    """Ferry's GPU collector on one fake device, so that it shows every family it can export."""
+    registry.register(GpuCollector(_FakeNvml(), cuda_memory=lambda: [("cuda:0", 1, 2)]))
+
+
 def gpu_metric_names() -> set[str]:
     """Every name service/gpu.py exports on a host with a GPU (none are exported on this one)."""
     registry = CollectorRegistry()
-    registry.register(GpuCollector(_FakeNvml(), cuda_memory=lambda: [("cuda:0", 1, 2)]))
+    register_fake_gpu(registry)
     return exposed_names(generate_latest(registry).decode())
