@@ -147,7 +147,12 @@ def _register(name: str, info, alias: str | None = None) -> str:  # type: ignore
 
 
 def register_code_model(
-    registry: Registry, name: str, code: Path, example: np.ndarray, params: dict[str, Any]
+    registry: Registry,
+    name: str,
+    code: Path,
+    example: np.ndarray,
+    params: dict[str, Any],
+    experiment_id: str | None = None,
 ) -> None:
     """Log the pyfunc model of the models-from-code file ``code`` (output shaped like its input, taking
     ``params``) and register it as ``name@champion`` in ``registry``."""
@@ -155,7 +160,7 @@ def register_code_model(
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(registry.tracking_uri)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code),
@@ -196,15 +201,15 @@ def log_onnx(path: Path, example: np.ndarray, output: np.ndarray):  # type: igno
     )
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def build_registry(root: Path) -> Registry:
+    """Create the registry described in this module's docstring under ``root`` (an empty folder) and
+    leave MLflow's tracking URI pointing at it. Deterministic: the same weights, examples and version
+    numbers on every call (``tests/golden`` relies on it)."""
     import mlflow
     import nets
     import torch
 
-    root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
     example = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -228,7 +233,15 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
             mlp_out = mlp(torch.from_numpy(mlp_example)).numpy()
         with mlflow.start_run(experiment_id=experiment):
             _register("tabular-mlp-onnx", log_onnx(path, mlp_example, mlp_out), "champion")
-    yield Registry(root=root, tracking_uri=uri)
+    return Registry(root=root, tracking_uri=uri)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    yield build_registry(tmp_path_factory.mktemp("registry"))
     if previous is not None:
         mlflow.set_tracking_uri(previous)
 
