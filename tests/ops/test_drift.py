@@ -18,6 +18,7 @@ from starlette.routing import Match
 from delivery_support import (
     ADAPTER_VALUES,
     COMPOSE,
+    DELIVERY_DOC,
     DEPLOY,
     DOCKERFILES,
     OVERLAYS,
@@ -37,7 +38,7 @@ from delivery_support import (
     steps,
     workflow_files,
 )
-from service.api.app import create_app
+from service.api.app import create_app, route_table
 from service.config import Settings
 
 _NAME = re.compile(r"\b(FERRY_[A-Z0-9_]+)\b")
@@ -327,6 +328,65 @@ def _code(text: str) -> str:
     fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
     inline = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL))
     return "\n".join(fenced + inline)
+
+
+NOT_SERVED = {"/redoc"}
+"""Paths the docs mention as not served ("there is no `/redoc`"): checked to be absent."""
+
+
+def _route_mentions(text: str) -> list[tuple[str, str]]:
+    """(method, path) of every HTTP route a doc names in inline code: ``GET /models``, ``/v2/...``,
+    ``/health/*``, ``/v2/models/{name}[/versions/{version}]`` (both forms). Filesystem paths are told
+    apart by their first segment, which no route of Ferry's has."""
+    app = create_app(Settings(admin_token="token"))
+    firsts = {path.split("/")[1] for path in route_table(app)} | {p.split("/")[1] for p in NOT_SERVED}
+    out = []
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL))
+    for span in spans:
+        match = re.fullmatch(r"(?:(GET|POST|PUT|DELETE) )?(/[\w{}.*/\[\]-]*)", span)
+        if match is None or match[2].split("/")[1].split("[")[0] not in firsts:
+            continue
+        path = match[2]
+        variants = [re.sub(r"\[([^\]]*)\]", "", path), re.sub(r"\[([^\]]*)\]", r"\1", path)]
+        out += [(match[1] or "", variant) for variant in dict.fromkeys(variants)]
+    return out
+
+
+@pytest.mark.parametrize("doc", _docs(), ids=lambda p: p.name)
+def test_docs_routes_are_served(doc: Path) -> None:
+    """Every route README and docs/ name is one Ferry serves (with that method, when they give one), or
+    one they say is not served and is not."""
+    app = create_app(Settings(admin_token="token"))
+    table = route_table(app)
+    for method, path in _route_mentions(doc.read_text(encoding="utf-8")):
+        if path in NOT_SERVED:
+            assert path not in table, f"{doc.name} says {path} is not served, but it is"
+        elif path.endswith(("/...", "/*")):
+            prefix = path.rstrip(".*")
+            assert any(p.startswith(prefix) for p in table), f"{doc.name}: no route under {path}"
+        else:
+            methods = table.get(path)
+            assert methods is not None, f"{doc.name}: {path} is not a route of Ferry"
+            assert not method or method in methods, f"{doc.name}: {method} {path}; Ferry serves {methods}"
+
+
+def test_route_mentions_are_found() -> None:
+    found = _route_mentions("`GET /v2/models/{name}[/versions/{version}]`, `/app/.ferry`, `/health/*`")
+    assert found == [
+        ("GET", "/v2/models/{name}"),
+        ("GET", "/v2/models/{name}/versions/{version}"),
+        ("", "/health/*"),
+    ]
+
+
+def test_docs_say_where_the_demo_registration_puts_artifacts() -> None:
+    """docs/delivery.md's known gap of the compose stack stands while models/register.py gives its
+    experiment a client-side artifact location (issue 13): change one, change the other."""
+    explicit = "artifact_location=" in (ROOT / "models" / "register.py").read_text()
+    gap = "Known gap: as shipped, Ferry cannot load the demo models" in " ".join(
+        DELIVERY_DOC.read_text().split()
+    )
+    assert explicit == gap, "models/register.py and docs/delivery.md (Local stack) disagree"
 
 
 def test_docs_exist() -> None:
