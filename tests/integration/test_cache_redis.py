@@ -19,6 +19,7 @@ import pytest
 from conftest import FakeClock, RedisServer, free_port, state_of
 from service.cache import (
     BreakerState,
+    Outputs,
     RedisCache,
     TieredCache,
     build_cache,
@@ -64,7 +65,14 @@ def errors(metrics: Metrics, operation: str) -> float:
 
 
 KEY = cache_key("fraud", "3", {"x": np.array([[1.0, 2.0]], dtype=np.float32)}, None)
-VALUE = encode_outputs({"y": np.array([[5.0]], dtype=np.float32)})
+OUTPUTS = {"y": np.array([[5.0]], dtype=np.float32)}
+VALUE = encode_outputs(OUTPUTS)
+
+
+def got(result: tuple[Outputs | None, str]) -> tuple[bytes | None, str]:
+    """A tiered cache's answer with its outputs encoded, to compare with ``VALUE``."""
+    found, tier = result
+    return (None if found is None else encode_outputs(found)), tier
 
 
 @pytest.mark.asyncio
@@ -75,9 +83,9 @@ async def test_miss_then_hit_with_plain_bytes_and_ttl(server: RedisServer) -> No
     assert cache.redis is not None
     try:
         assert await cache.get("fraud", KEY) == (None, "")
-        await cache.set("fraud", KEY, VALUE, 30)
+        await cache.set("fraud", KEY, OUTPUTS, 30)
         await cache.flush()
-        assert await cache.get("fraud", KEY) == (VALUE, "redis")
+        assert got(await cache.get("fraud", KEY)) == (VALUE, "redis")
     finally:
         await cache.close()
     raw = server.client()
@@ -110,13 +118,13 @@ async def test_garbage_value_is_a_miss_and_gets_overwritten(server: RedisServer)
         raw.rpush(redis_key, b"a list")  # WRONGTYPE from Redis: a miss, not a breaker failure
         assert await cache.get("fraud", KEY) == (None, "")
         assert state_of(cache.redis.breaker) == BreakerState.CLOSED
-        await cache.set("fraud", KEY, VALUE, 30)
+        await cache.set("fraud", KEY, OUTPUTS, 30)
         await cache.flush()
         assert raw.get(redis_key) == VALUE
         assert cache.memory is not None
         cache.memory.clear()
-        assert await cache.get("fraud", KEY) == (VALUE, "redis")
-        assert await cache.get("fraud", KEY) == (VALUE, "memory")
+        assert got(await cache.get("fraud", KEY)) == (VALUE, "redis")
+        assert got(await cache.get("fraud", KEY)) == (VALUE, "memory")
     finally:
         await cache.close()
     assert errors(metrics, "get") == 4
@@ -280,7 +288,7 @@ async def test_breaker_cycle_and_recovery_after_restart(server: RedisServer) -> 
         assert errors(metrics, "get") == 3  # the breaker opened after 3 and stopped calling Redis
         assert state_of(cache.breaker) == BreakerState.OPEN
         assert state() == 2
-        await tiers.set("m", KEY, VALUE, 60)
+        await tiers.set("m", KEY, OUTPUTS, 60)
         assert tiers.pending_writes == 0  # no background write while open
 
         clock.now += 5  # one probe; Redis is still down: open again
@@ -295,9 +303,9 @@ async def test_breaker_cycle_and_recovery_after_restart(server: RedisServer) -> 
         assert await cache.get(KEY) is None  # the probe reaches Redis: a plain miss closes the breaker
         assert state_of(cache.breaker) == BreakerState.CLOSED
         assert state() == 0
-        await tiers.set("m", KEY, VALUE, 60)
+        await tiers.set("m", KEY, OUTPUTS, 60)
         await tiers.flush()
-        assert await tiers.get("m", KEY) == (VALUE, "redis")  # hits resume, same objects
+        assert got(await tiers.get("m", KEY)) == (VALUE, "redis")  # hits resume, same objects
         assert errors(metrics, "get") == 4
     finally:
         await tiers.close()
@@ -311,16 +319,16 @@ async def test_restart_under_real_time_recovers(server: RedisServer) -> None:
         settings(server.url, memory_bytes=0, breaker_failures=2, breaker_reset_s=0.2), metrics
     )
     try:
-        await cache.set("m", KEY, VALUE, 60)
+        await cache.set("m", KEY, OUTPUTS, 60)
         await cache.flush()
         server.kill()
         for _ in range(5):
             assert await cache.get("m", KEY) == (None, "")
         server.start()
         deadline = time.monotonic() + 10
-        while await cache.get("m", KEY) != (VALUE, "redis"):
+        while got(await cache.get("m", KEY)) != (VALUE, "redis"):
             assert time.monotonic() < deadline, "hits did not resume within 10 s"
-            await cache.set("m", KEY, VALUE, 60)
+            await cache.set("m", KEY, OUTPUTS, 60)
             await cache.flush()
             await asyncio.sleep(0.05)
     finally:

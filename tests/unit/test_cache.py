@@ -1,4 +1,6 @@
-"""Unit tests of service/cache.py: key, codec, LRU, breaker, Redis tier (fake client), tiers, single-flight.
+"""Unit tests of service/cache/: key, codec, breaker, Redis tier (fake client), tiers, single-flight.
+
+The LRU and the memory bounds: ``test_cache_lru.py``.
 
 Deterministic: injectable clocks and ``asyncio.Event`` gates; the only waits are Redis timeouts under test.
 """
@@ -20,10 +22,11 @@ from redis.exceptions import ResponseError
 
 from conftest import FakeClock, state_of
 from service.cache import (
+    ENTRY_BYTES,
     BreakerState,
     CircuitBreaker,
     CorruptCacheValue,
-    MemoryCache,
+    Outputs,
     RedisCache,
     SingleFlight,
     TieredCache,
@@ -31,6 +34,8 @@ from service.cache import (
     cache_key,
     decode_outputs,
     encode_outputs,
+    held_bytes,
+    memory_tier,
     redact_url,
 )
 from service.config import CacheSettings, ModelCacheSettings, Settings
@@ -70,8 +75,18 @@ class FakeRedis:
         self.closed = True
 
 
+def outputs(x: float = 1.0) -> Outputs:
+    return {"y": np.array([[x, 2 * x]], dtype=np.float32)}
+
+
 def value(model: str = "m", x: float = 1.0) -> bytes:
-    return encode_outputs({"y": np.array([[x, 2 * x]], dtype=np.float32)})
+    return encode_outputs(outputs(x))
+
+
+def got(result: tuple[Outputs | None, str]) -> tuple[bytes | None, str]:
+    """A tier's answer with its outputs encoded, to compare with ``value()``."""
+    found, tier = result
+    return (None if found is None else encode_outputs(found)), tier
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -158,6 +173,18 @@ def test_key_accepts_strings_bool_and_scalars_rejects_object() -> None:
         cache_key("m", "1", {"o": np.array([{}, 1], dtype=object)}, None)
 
 
+def test_key_bytes_are_those_of_ferry_key_v1() -> None:
+    """Existing entries (a shared Redis) stay reachable: the digest was computed by the code before
+    the cache became a package (service/cache.py at 96bf2b5)."""
+    inputs = {
+        "x": np.array([[1.0, 2.0]], dtype=np.float32),
+        "ids": np.array([7, -1], dtype=">i8"),
+        "s": np.array(["ab", "c"]),
+    }
+    key = cache_key("fraud", "3", inputs, {"threshold": 0.5, "top": [1, 2]})
+    assert key.hex() == "3b67da3713629aa17d6fea7e6650377f9ad741b44c30f1d5133b39dfda934484"
+
+
 # Values -------------------------------------------------------------------------------------------
 
 DTYPES = ["?", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
@@ -182,6 +209,23 @@ def test_values_round_trip(dtype: str) -> None:
         assert decoded[name].dtype == array.dtype.newbyteorder("<")
         np.testing.assert_array_equal(decoded[name], array)
         assert not decoded[name].flags.writeable
+
+
+OLD_VALUE = bytes.fromhex(
+    "465259310300000001000302793c663401000000000000000200000000000000050003016c6162656c3c69380100000000"
+    "000000020003006f6b7c62310000000000803e0000c0bf030000000000000001"
+)
+"""``encode_outputs`` of y, label and ok below, written by service/cache.py at 96bf2b5."""
+
+
+def test_values_written_before_the_package_still_decode_and_encode_the_same() -> None:
+    decoded = decode_outputs(OLD_VALUE)
+    assert list(decoded) == ["y", "label", "ok"]
+    np.testing.assert_array_equal(decoded["y"], np.array([[0.25, -1.5]], dtype=np.float32))
+    assert decoded["y"].dtype == np.float32
+    np.testing.assert_array_equal(decoded["label"], np.array([3], dtype=np.int64))
+    assert decoded["ok"].shape == () and decoded["ok"].dtype == np.bool_ and bool(decoded["ok"])
+    assert encode_outputs(decoded) == OLD_VALUE
 
 
 def test_values_are_not_pickle_and_pickle_is_corrupt() -> None:
@@ -233,59 +277,6 @@ def test_encode_refuses_object_and_string_outputs() -> None:
     for array in (np.array([object()]), np.array(["a"])):
         with pytest.raises(TypeError):
             encode_outputs({"y": array})
-
-
-# Memory tier --------------------------------------------------------------------------------------
-
-
-def test_memory_hit_miss_and_accounting(clock: FakeClock) -> None:
-    cache = MemoryCache(1000, clock=clock)
-    assert cache.get(b"k") is None
-    cache.set(b"k", b"v" * 10, 60)
-    assert cache.get(b"k") == b"v" * 10
-    assert (cache.bytes, cache.entries) == (11, 1)
-    cache.set(b"k", b"w" * 20, 60)
-    assert cache.get(b"k") == b"w" * 20
-    assert (cache.bytes, cache.entries) == (21, 1)
-    cache.clear()
-    assert (cache.bytes, cache.entries, cache.get(b"k")) == (0, 0, None)
-
-
-def test_memory_lru_is_bounded_in_bytes(clock: FakeClock) -> None:
-    cache = MemoryCache(100, clock=clock)
-    for i in range(4):
-        cache.set(b"k%d" % i, bytes(23), 60)  # 25 bytes each: exactly full
-    assert (cache.bytes, cache.entries) == (100, 4)
-    assert cache.get(b"k0") is not None  # k0 is now the most recent; k1 the oldest
-    cache.set(b"k4", bytes(23), 60)
-    assert cache.get(b"k1") is None
-    assert all(cache.get(b"k%d" % i) is not None for i in (0, 2, 3, 4))
-    cache.set(b"big", bytes(60), 60)  # evicts the three oldest
-    assert cache.bytes <= 100
-    assert [cache.get(b"k%d" % i) is not None for i in (0, 2, 3, 4)] == [False, False, False, True]
-    cache.set(b"k4", bytes(200), 60)  # larger than the bound: not stored, old one dropped
-    assert cache.get(b"k4") is None
-    assert (cache.bytes, cache.entries) == (63, 1)
-
-
-def test_memory_ttl(clock: FakeClock) -> None:
-    cache = MemoryCache(1000, clock=clock)
-    cache.set(b"short", b"v", 10)
-    cache.set(b"long", b"v", 30)
-    clock.now += 9.99
-    assert cache.get(b"short") == b"v"
-    clock.now += 0.01
-    assert cache.get(b"short") is None
-    assert cache.get(b"long") == b"v"
-    assert (cache.bytes, cache.entries) == (5, 1)
-    cache.set(b"zero", b"v", 0)
-    assert cache.get(b"zero") is None
-
-
-def test_memory_size_zero_stores_nothing() -> None:
-    cache = MemoryCache(0)
-    cache.set(b"k", b"v", 60)
-    assert (cache.get(b"k"), cache.bytes) == (None, 0)
 
 
 # Breaker ------------------------------------------------------------------------------------------
@@ -503,7 +494,7 @@ def test_redis_url_with_another_scheme_is_a_configuration_error(metrics: Metrics
 
 def tiered(metrics: Metrics, clock: FakeClock, fake: FakeRedis | None, **kwargs: Any) -> TieredCache:
     redis = redis_cache(fake, metrics, clock) if fake is not None else None
-    return TieredCache(MemoryCache(10_000, clock=clock), redis, metrics, **kwargs)
+    return TieredCache(memory_tier(10_000, clock=clock), redis, metrics, **kwargs)
 
 
 @pytest.mark.asyncio
@@ -511,10 +502,10 @@ async def test_tiers_miss_store_and_hit(metrics: Metrics, clock: FakeClock) -> N
     fake = FakeRedis()
     cache = tiered(metrics, clock, fake)
     assert await cache.get("m", b"k") == (None, "")
-    await cache.set("m", b"k", value(), 60)
+    await cache.set("m", b"k", outputs(), 60)
     await cache.flush()
     assert fake.data[cache.redis.redis_key(b"k")] == value()  # type: ignore[union-attr]
-    assert await cache.get("m", b"k") == (value(), "memory")
+    assert got(await cache.get("m", b"k")) == (value(), "memory")
     lookups = {
         (tier, result): sample(metrics, "ferry_cache_lookups_total", model="m", tier=tier, result=result)
         for tier in ("memory", "redis")
@@ -531,9 +522,9 @@ async def test_redis_hit_fills_memory_with_the_model_ttl(metrics: Metrics, clock
     settings = CacheSettings(ttl_s=100, models={"m": ModelCacheSettings(ttl_s=10)})
     cache = tiered(metrics, clock, fake, settings=settings)
     fake.data[cache.redis.redis_key(b"k")] = value()  # type: ignore[union-attr]
-    assert await cache.get("m", b"k") == (value(), "redis")
+    assert got(await cache.get("m", b"k")) == (value(), "redis")
     fake.data.clear()
-    assert await cache.get("m", b"k") == (value(), "memory")
+    assert got(await cache.get("m", b"k")) == (value(), "memory")
     clock.now += 10
     assert await cache.get("m", b"k") == (None, "")
 
@@ -547,7 +538,7 @@ async def test_corrupt_redis_value_is_a_miss_and_overwritten(metrics: Metrics, c
     assert await cache.get("m", b"k") == (None, "")
     assert cache.memory.entries == 0  # type: ignore[union-attr]
     assert sample(metrics, "ferry_cache_errors_total", tier="redis", operation="get") == 1
-    await cache.set("m", b"k", value(), 60)
+    await cache.set("m", b"k", outputs(), 60)
     await cache.flush()
     assert fake.data[redis_key] == value()
 
@@ -558,10 +549,10 @@ async def test_redis_writes_do_not_delay_set_and_are_bounded(metrics: Metrics, c
     fake.gate = asyncio.Event()
     cache = tiered(metrics, clock, fake, max_pending_writes=2)
     for i in range(3):
-        await cache.set("m", b"k%d" % i, value(x=i), 60)  # returns although Redis hangs
+        await cache.set("m", b"k%d" % i, outputs(i), 60)  # returns although Redis hangs
     assert cache.pending_writes == 2
     assert sample(metrics, "ferry_cache_errors_total", tier="redis", operation="set") == 1
-    assert await cache.get("m", b"k2") == (value(x=2), "memory")
+    assert got(await cache.get("m", b"k2")) == (value(x=2), "memory")
     fake.gate.set()
     await cache.flush()
     assert cache.pending_writes == 0
@@ -575,12 +566,12 @@ async def test_no_background_write_while_the_breaker_is_open(metrics: Metrics, c
     cache = tiered(metrics, clock, fake)
     for _ in range(3):
         await cache.get("m", b"k")
-    await cache.set("m", b"k", value(), 60)
+    await cache.set("m", b"k", outputs(), 60)
     assert cache.pending_writes == 0
     assert fake.calls == 3
     clock.now += 5
     fake.error = None
-    await cache.set("m", b"k", value(), 60)  # the write is the probe
+    await cache.set("m", b"k", outputs(), 60)  # the write is the probe
     await cache.flush()
     assert state_of(cache.redis.breaker) == BreakerState.CLOSED  # type: ignore[union-attr]
 
@@ -588,12 +579,79 @@ async def test_no_background_write_while_the_breaker_is_open(metrics: Metrics, c
 @pytest.mark.asyncio
 async def test_memory_only_and_no_tiers(metrics: Metrics, clock: FakeClock) -> None:
     memory_only = tiered(metrics, clock, None)
-    await memory_only.set("m", b"k", value(), 60)
-    assert await memory_only.get("m", b"k") == (value(), "memory")
+    await memory_only.set("m", b"k", outputs(), 60)
+    assert got(await memory_only.get("m", b"k")) == (value(), "memory")
     nothing = TieredCache(None, None, metrics)
-    await nothing.set("m", b"k", value(), 60)
+    await nothing.set("m", b"k", outputs(), 60)
     assert await nothing.get("m", b"k") == (None, "")
     await nothing.close()
+
+
+@pytest.mark.asyncio
+async def test_hits_are_read_only_and_their_dict_is_the_callers(metrics: Metrics, clock: FakeClock) -> None:
+    fake = FakeRedis()
+    cache = tiered(metrics, clock, fake)
+    fake.data[cache.redis.redis_key(b"k")] = value()  # type: ignore[union-attr]
+    for tier in ("redis", "memory"):
+        found, where = await cache.get("m", b"k")
+        assert found is not None and where == tier
+        with pytest.raises(ValueError):
+            found["y"][0, 0] = 9  # the array is read-only
+        with pytest.raises(ValueError):
+            found["y"].flags.writeable = True
+        found["z"] = found.pop("y")  # the caller's own dict: the cache's is untouched
+    assert got(await cache.get("m", b"k")) == (value(), "memory")
+
+
+@pytest.mark.asyncio
+async def test_a_redis_hit_is_decoded_once_and_memory_hits_not_at_all(
+    metrics: Metrics, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.cache.tiered as tiered_module
+
+    decoded: list[bytes] = []
+
+    def counting(data: bytes) -> Outputs:
+        decoded.append(data)
+        return decode_outputs(data)
+
+    monkeypatch.setattr(tiered_module, "decode_outputs", counting)
+    fake = FakeRedis()
+    cache = tiered(metrics, clock, fake)
+    fake.data[cache.redis.redis_key(b"k")] = value()  # type: ignore[union-attr]
+    assert got(await cache.get("m", b"k")) == (value(), "redis")
+    assert decoded == [value()]
+    for _ in range(3):
+        assert got(await cache.get("m", b"k")) == (value(), "memory")
+    assert decoded == [value()]
+
+
+@pytest.mark.asyncio
+async def test_set_keeps_a_compact_copy_not_the_models_batch(metrics: Metrics, clock: FakeClock) -> None:
+    batch = np.arange(100_000, dtype=np.float64).reshape(1000, 100)  # a batch's output, 800 kB
+    cache = tiered(metrics, clock, None)
+    await cache.set("m", b"k", {"y": batch[3:4]}, 60)  # one request's rows: a view into the batch
+    assert cache.memory is not None and cache.memory.bytes < 2_000
+    batch[3, 0] = -1.0  # the model's buffer being reused does not reach the cache
+    found, _ = await cache.get("m", b"k")
+    assert found is not None and found["y"][0, 0] == 300.0
+    with pytest.raises(TypeError):
+        await cache.set("m", b"s", {"y": np.array(["a"])}, 60)  # strings: the caller computes them each time
+    assert cache.memory.get(b"s") is None
+
+
+@pytest.mark.asyncio
+async def test_callers_that_still_encode_and_decode_keep_working(metrics: Metrics, clock: FakeClock) -> None:
+    """Transitional (until InferenceService.compute takes the new interface): ``set`` of encoded bytes
+    and ``decode_outputs`` of what ``get`` answered."""
+    fake = FakeRedis()
+    cache = tiered(metrics, clock, fake)
+    await cache.set("m", b"k", value(), 60)
+    await cache.flush()
+    assert fake.data[cache.redis.redis_key(b"k")] == value()  # type: ignore[union-attr]
+    found, tier = await cache.get("m", b"k")
+    assert found is not None and tier == "memory"
+    assert decode_outputs(found) is found
 
 
 def test_per_model_policy(metrics: Metrics) -> None:
@@ -612,9 +670,11 @@ async def test_build_cache(metrics: Metrics) -> None:
     cache = build_cache(Settings(), metrics)
     assert cache.memory is not None
     assert cache.redis is None
-    await cache.set("m", b"k", value(), 60)
+    await cache.set("m", b"k", outputs(), 60)
     assert sample(metrics, "ferry_cache_memory_entries") == 1
-    assert sample(metrics, "ferry_cache_memory_bytes") == 1 + len(value())
+    assert sample(metrics, "ferry_cache_memory_bytes") == ENTRY_BYTES + 1 + held_bytes(
+        decode_outputs(value())
+    )
 
     assert build_cache(Settings(cache=CacheSettings(memory_bytes=0)), metrics).memory is None
     off = build_cache(Settings(cache=CacheSettings(enabled=False), redis_url=SecretStr("redis://x")), metrics)
