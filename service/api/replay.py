@@ -7,19 +7,21 @@ replayed answer outlives the version that computed it. Only answers the array ca
 stored (the model's caching on, no ``Cache-Control`` on the request), for the model's TTL. Memory only,
 bounded in bytes (``FERRY_CACHE__RESPONSE_BYTES``); the array tiers (memory, Redis) stay the shared,
 canonical cache: this tier only saves the parsing, validation, hashing and rendering of a repeat.
+Entries live in the cache's one LRU (``service/cache/lru.py``), each counted by the memory it holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi.responses import Response
 from starlette.types import Scope
 
+from service.cache import ByteLRU
 from service.inference import Answered
 
 _VARY = (b"content-type", b"inference-header-content-length")
@@ -33,7 +35,6 @@ class Replay:
     headers: list[tuple[bytes, bytes]]
     media_type: str | None
     answered: Answered
-    expires: float
 
     def response(self) -> Response:
         response = Response(self.body, media_type=self.media_type)
@@ -42,13 +43,10 @@ class Replay:
 
 
 class ResponseCache:
-    """LRU of ``Replay`` entries bounded in bytes (bodies and headers), each with its TTL."""
+    """``Replay`` entries by request key, bounded in bytes, each kept for its answer's TTL."""
 
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._max = max_bytes
-        self._clock = clock
-        self._entries: OrderedDict[bytes, Replay] = OrderedDict()
-        self.bytes = 0
+        self._lru: ByteLRU[Replay] = ByteLRU(max_bytes, _held_bytes, clock=clock)
 
     @staticmethod
     def key(scope: Scope, body: bytes, generation: int) -> bytes:
@@ -61,36 +59,26 @@ class ResponseCache:
         return h.digest()
 
     def get(self, key: bytes) -> Replay | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        return self._lru.get(key)
 
     def put(self, key: bytes, response: Response, answered: Answered) -> None:
         if answered.ttl_s is None or response.status_code != 200:
             return
         headers = [(k, b"hit" if k == b"x-cache" else v) for k, v in response.raw_headers]
-        entry = Replay(
-            bytes(response.body), headers, response.media_type, answered, self._clock() + answered.ttl_s
+        self._lru.put(
+            key, Replay(bytes(response.body), headers, response.media_type, answered), answered.ttl_s
         )
-        size = _size(entry)
-        if size > self._max:
-            return
-        self._drop(key)
-        self._entries[key] = entry
-        self.bytes += size
-        while self.bytes > self._max:
-            self._drop(next(iter(self._entries)))
 
-    def _drop(self, key: bytes) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.bytes -= _size(entry)
+    @property
+    def bytes(self) -> int:  # last in the class: above, ``bytes`` is still the builtin
+        return self._lru.bytes
 
 
-def _size(entry: Replay) -> int:
-    return 32 + len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers)
+def _held_bytes(entry: Replay) -> int:
+    """Memory a stored answer holds: the entry, its body, its header list, pairs and bytes, and the
+    answer record's own object (the model's metrics it names are shared)."""
+    headers = sum(
+        sys.getsizeof(pair) + sys.getsizeof(pair[0]) + sys.getsizeof(pair[1]) for pair in entry.headers
+    )
+    parts = (entry, entry.body, entry.headers, entry.answered)
+    return sum(map(sys.getsizeof, parts)) + headers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 from fastapi.responses import Response
@@ -59,13 +60,33 @@ def test_ttl_expires_and_uncacheable_answers_are_not_kept() -> None:
 
 
 def test_bounded_in_bytes_least_recently_used_goes_first() -> None:
-    size = 32 + 150 + sum(len(k) + len(v) for k, v in ok(b"x" * 150).raw_headers)
+    one = ResponseCache(100_000)
+    one.put(b"a", ok(b"x" * 150), answered())
+    size = one.bytes  # what one such answer holds, as the cache counts it
+    assert size > 150 + sum(len(k) + len(v) for k, v in ok(b"x" * 150).raw_headers)
     cache = ResponseCache(3 * size)
     for key in (b"a", b"b", b"c"):
         cache.put(key, ok(b"x" * 150), answered())
+    assert cache.bytes == 3 * size
     assert cache.get(b"a") is not None  # a is now the most recently used
     cache.put(b"d", ok(b"x" * 150), answered())
     assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"d") is not None
     assert cache.bytes <= 3 * size
-    cache.put(b"huge", ok(b"x" * 1000), answered())
+    cache.put(b"huge", ok(b"x" * 4 * size), answered())
     assert cache.get(b"huge") is None
+
+
+def test_bound_holds_in_real_memory() -> None:
+    """Filled three times over with tracemalloc on, what the tier keeps stays near its bound."""
+    bound, cache = 1_000_000, None
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache = ResponseCache(bound)
+        for i in range(4 * bound // 1_000):  # about 1,200 bytes an answer
+            cache.put(b"%032d" % i, ok(b'{"outputs": [%d]}' % i), answered())
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert bound - cache.bytes < 2_000  # full
+    assert 0.75 * bound <= held <= 1.2 * bound
