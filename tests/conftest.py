@@ -11,25 +11,27 @@ Models registered (all with the alias ``champion``):
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
+sys.path.insert(0, str(ROOT / "loadtests"))
+import procs  # noqa: E402
+from procs import RedisServer as RedisServer  # noqa: E402  (re-exported: tests import these from here)
+from procs import Server as Server  # noqa: E402
+from procs import free_port as free_port  # noqa: E402
+from procs import poll_ready as poll_ready  # noqa: E402
+from procs import stop_server as stop_server  # noqa: E402
+from procs import wait_until as wait_until  # noqa: E402
 
 _CLEARED_PREFIXES = ("FERRY_", "MLFLOW_")
 
@@ -40,12 +42,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(_CLEARED_PREFIXES):
             monkeypatch.delenv(key, raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def linear_module(weight: float = 2.0, bias: float = 1.0, features: int = 4, outputs: int = 3):  # type: ignore[no-untyped-def]
@@ -71,58 +67,6 @@ def export_onnx(module, example: np.ndarray, path: Path) -> Path:  # type: ignor
         dynamo=False,
     )
     return path
-
-
-class RedisServer:
-    """One ``redis-server`` on 127.0.0.1 and a unix socket, without persistence."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        self.workdir, self.extra = workdir, extra
-        self.port = free_port()
-        self.socket = workdir / "redis.sock"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(
-            ["redis-server", *args, *self.extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    reply = conn.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start (exit {self.process.poll()})")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # SIGKILL works on a stopped process too
-            self.process.wait(10)
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -246,18 +190,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         mlflow.set_tracking_uri(previous)
 
 
-@dataclass
-class Server:
-    """A Ferry process served by uvicorn."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 def start_server(
     registry: Registry,
     models: str,
@@ -265,6 +197,8 @@ def start_server(
     extra_env: dict[str, str] | None = None,
     wait_ready: bool = True,
 ) -> Server:
+    """A Ferry (``python -m service serve``, run from ``workdir``) serving ``models`` from ``registry`` on a
+    free port, logging to ``workdir/ferry-<port>.log``; with ``wait_ready``, once ``/health/ready`` says 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES)}
     env |= registry.env() | {
@@ -274,29 +208,12 @@ def start_server(
         "FERRY_SHUTDOWN__GRACE_S": "0",
     }
     env |= extra_env or {}
-    log_path = workdir / f"ferry-{port}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=workdir,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    argv = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    server = procs.launch("ferry", argv, workdir / f"ferry-{port}.log", url=url, env=env, cwd=workdir)
     if wait_ready:
         wait_until_ready(server)
     return server
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.001) -> bool:
-    """Poll ``condition`` until it holds (``True``) or ``timeout_s`` passes (``False``)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval_s)
-    return True
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -309,40 +226,14 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-def poll_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> str | None:
-    """GET ``url`` until it answers 200: ``None`` then, else why not (the process exited, or time ran out)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return f"exited with {process.returncode}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return None
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    return f"not ready within {timeout_s}s"
-
-
 def wait_until_ready(server: Server, timeout_s: float = 120.0, ops_url: str | None = None) -> None:
-    """Until ``/health/ready`` (on ``ops_url`` when the operations routes have their own port) says 200."""
-    failure = poll_ready(server.process, f"{ops_url or server.url}/health/ready", timeout_s)
-    if failure is None:
-        return
-    if server.process.poll() is None:
+    """Until ``/health/ready`` (on ``ops_url`` when the operations routes have their own port) says 200;
+    else the server is stopped and a ``RuntimeError`` says why, with the tail of its log."""
+    try:
+        procs.wait_ready(server, "/health/ready", timeout_s, url=ops_url)
+    except RuntimeError:
         stop_server(server)
-    raise RuntimeError(f"ferry {failure}:\n{server.log()}")
-
-
-def stop_server(server: Server) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-    return server.process.returncode
+        raise
 
 
 DEFAULT_MODELS = (
