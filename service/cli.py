@@ -142,11 +142,12 @@ class GracefulServer(uvicorn.Server):
                 self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        service = getattr(self._app.state, "service", None)
-        if self.should_exit or service is None or service.shutting_down or self._grace_s <= 0:
+        pipeline = getattr(self._app.state, "pipeline", None)
+        models = pipeline.models if pipeline is not None else None
+        if self.should_exit or models is None or models.shutting_down or self._grace_s <= 0:
             super().handle_exit(sig, frame)
             return
-        service.shutting_down = True
+        models.shutting_down = True
         log.info("signal %d: readiness is now 503; serving %.1fs more before draining", sig, self._grace_s)
         timer = threading.Timer(self._grace_s, super().handle_exit, args=(sig, frame))
         timer.daemon = True

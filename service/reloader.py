@@ -1,7 +1,7 @@
 """Alias following with zero downtime.
 
 Every ``FERRY_RELOAD__POLL_S`` seconds the reloader resolves each served model's URI. When an alias
-points at a new version, ``InferenceService.load`` loads and warms it up in the background and swaps it
+points at a new version, ``ModelSet.load`` loads and warms it up in the background and swaps it
 in atomically; the old version drains its queue and is freed. A version that fails to load or warm up
 is rejected (the old one keeps serving, readiness stays true, ``ferry_model_reloads_total`` and a log
 line say why) and is retried with exponential backoff; a different version (the alias moved again) is
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from service.config import ReloadSettings
 from service.errors import FerryError
-from service.inference import InferenceService, ModelSlot
+from service.lifecycle import ModelSet, ModelSlot
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 
@@ -37,7 +37,7 @@ class Reloader:
     """Polls the registry and swaps in new versions."""
 
     def __init__(
-        self, service: InferenceService, registry: ModelRegistry, metrics: Metrics, settings: ReloadSettings
+        self, service: ModelSet, registry: ModelRegistry, metrics: Metrics, settings: ReloadSettings
     ) -> None:
         self._service, self._registry, self._metrics = service, registry, metrics
         self._settings = settings

@@ -23,14 +23,18 @@ from prometheus_fastapi_instrumentator.metrics import Info
 from service import __version__
 from service.api import docs, errors
 from service.api.auth import KeyRing
+from service.api.deps import pipeline_of
 from service.api.middleware import FastPath
+from service.api.protocols import PROTOCOLS, codec_routes, ferry, unmetered_paths
+from service.api.protocols.base import declare
 from service.api.replay import ResponseCache
-from service.api.routes import admin, health, mlflow, models, predict, v2
+from service.api.routes import admin, health
 from service.cache import build_cache
 from service.config import Settings
 from service.gpu import GpuCollector, load_nvml
-from service.inference import InferenceService
+from service.lifecycle import ModelSet
 from service.metrics import Metrics
+from service.pipeline import Pipeline
 from service.registry import ModelRegistry
 from service.reloader import Reloader
 from service.runtime.torch import cuda_memory
@@ -38,28 +42,35 @@ from service.runtime.torch import cuda_memory
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
-    """Build the app; nothing is loaded until the lifespan starts."""
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, registry: ModelRegistry | None = None
+) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts. ``registry`` replaces the MLflow
+    registry (tests hand in a fake one with fake runtimes, to test the app in process)."""
     metrics = metrics or Metrics()
     metrics.build_info.info({"version": __version__})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            registry = await asyncio.to_thread(ModelRegistry, settings)
-            device = await asyncio.to_thread(registry.device)
+            models_from: ModelRegistry = (
+                registry if registry is not None else await asyncio.to_thread(ModelRegistry, settings)
+            )
+            device = await asyncio.to_thread(models_from.device)
             gpu = GpuCollector(load_nvml(), cuda_memory=cuda_memory if device.startswith("cuda") else None)
             metrics.registry.register(gpu)
             stack.callback(metrics.registry.unregister, gpu)
             stack.callback(gpu.close)
-            service = InferenceService(settings, registry, metrics, build_cache(settings, metrics))
-            log.info("serving %d model(s) on %s from %s", len(service.slots()), device, settings.tracking_uri)
-            stack.push_async_callback(service.close)
-            app.state.service = service
-            loading = asyncio.create_task(_start(service), name="load-models")
+            models = ModelSet(settings, models_from, metrics)
+            pipeline = Pipeline(settings, models, build_cache(settings, metrics))
+            log.info("serving %d model(s) on %s from %s", len(models.slots()), device, settings.tracking_uri)
+            stack.push_async_callback(pipeline.close)
+            stack.push_async_callback(models.close)
+            app.state.pipeline = pipeline
+            loading = asyncio.create_task(_start(models), name="load-models")
             stack.push_async_callback(_cancel, loading)
             if settings.reload.poll_s > 0:
-                reloader = Reloader(service, registry, metrics, settings.reload)
+                reloader = Reloader(models, models_from, metrics, settings.reload)
                 following = asyncio.create_task(reloader.run(), name="follow-aliases")
                 stack.push_async_callback(_cancel, following)
             yield
@@ -76,10 +87,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.state.metrics = metrics
     errors.install(app)
     _instrument_http(app, metrics)
-    fast_routes = [*predict.FAST_ROUTES, *v2.FAST_ROUTES, *mlflow.FAST_ROUTES]
     app.add_middleware(
         FastPath,
-        routes=fast_routes,
+        routes=codec_routes(),
         metrics=metrics,
         keys=KeyRing(settings.api_keys),
         max_body_bytes=settings.limits.max_body_bytes,
@@ -97,12 +107,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     if settings.admin_token is not None:
         app.state.admin_keys = KeyRing(settings.admin_token, allow_api_key_header=False)
         app.include_router(admin.router)
-    app.include_router(predict.router)
-    app.include_router(models.router)
-    if settings.metrics_port is None:
-        app.include_router(health.router)
-    app.include_router(v2.router)
-    app.include_router(mlflow.router)
+    for protocol in PROTOCOLS:
+        declare(app, protocol, pipeline_of)
+        if protocol is ferry.PROTOCOL and settings.metrics_port is None:
+            app.include_router(health.router)
     docs.install(app)
     return app
 
@@ -132,18 +140,18 @@ def _instrument_http(app: FastAPI, metrics: Metrics) -> None:
     instrumentator = Instrumentator(
         should_group_status_codes=False,
         should_ignore_untemplated=True,
-        excluded_handlers=["/metrics", "/health/.*", "/v2/health/.*", "/ping", "/health"],
+        excluded_handlers=[*health.PATHS, *unmetered_paths()],
         registry=metrics.registry,
     )
     instrumentator.add(record)
     instrumentator.instrument(app)
 
 
-async def _start(service: InferenceService) -> None:
+async def _start(models: ModelSet) -> None:
     """Load the models, then move every object alive so far (frameworks, MLflow, weights: millions of
     objects) out of the garbage collector's sight. Without this, each full collection walks them all
     and stalls the event loop for a large fraction of a second, which is most of the p99 latency."""
-    await service.start()
+    await models.start()
     gc.collect()
     gc.freeze()
 

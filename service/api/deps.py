@@ -1,7 +1,7 @@
 """One-line typed dependencies, so routes stay thin and tests can swap collaborators.
 
-The inference endpoints take the ``Request`` itself and call ``service_of`` and ``json_object``
-directly, since ``FastPath`` calls them without FastAPI's dependency solving.
+Codecs (``api/protocols/``) take the ``Request`` itself and call ``pipeline_of``, ``cache_control`` and
+``json_object`` directly, since ``FastPath`` calls them without FastAPI's dependency solving.
 """
 
 from __future__ import annotations
@@ -12,21 +12,26 @@ from fastapi import Depends, Request
 
 from service.api.jsonbody import parse_object
 from service.errors import NotReady
-from service.inference import InferenceService
+from service.lifecycle import ModelSet
+from service.pipeline import Pipeline
 
 
-def service_of(request: Request) -> InferenceService:
-    service: InferenceService | None = getattr(request.app.state, "service", None)
-    if service is None:
+def pipeline_of(request: Request) -> Pipeline:
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
         raise NotReady("the service is starting")
-    return service
+    return pipeline
 
 
-async def get_service(request: Request) -> InferenceService:
-    return service_of(request)
+def models_of(request: Request) -> ModelSet:
+    return pipeline_of(request).models
 
 
-Service = Annotated[InferenceService, Depends(get_service)]
+async def get_models(request: Request) -> ModelSet:
+    return models_of(request)
+
+
+Models = Annotated[ModelSet, Depends(get_models)]
 
 
 def cache_control(request: Request) -> str | None:

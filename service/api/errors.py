@@ -1,4 +1,5 @@
-"""Error bodies, one shape per protocol, chosen by the request's path in ``error_response``:
+"""Error responses, in the body of the protocol that owns the request's path (``api/protocols/``: each
+protocol module's ``error_body``):
 
 - Ferry's own: ``{"error": {"code", "message", "details"}}``;
 - Open Inference Protocol (``/v2/...``): ``{"error": "message"}``; input that does not match the model is
@@ -21,57 +22,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.protocols import protocol_of
 from service.errors import FerryError, InvalidInput
 
 log = logging.getLogger(__name__)
-
-
-MLFLOW_PATHS = frozenset({"/invocations", "/ping", "/health", "/version"})
-"""MLflow scoring server paths (besides ``/models/{name}/invocations``)."""
-
-_MLFLOW_CODES = {
-    "invalid_input": "INVALID_PARAMETER_VALUE",
-    "model_not_found": "RESOURCE_DOES_NOT_EXIST",
-    "not_found": "ENDPOINT_NOT_FOUND",
-    "payload_too_large": "REQUEST_LIMIT_EXCEEDED",
-}
-"""Ferry's code to MLflow's ``error_code`` (``mlflow.protos.databricks_pb2.ErrorCode`` names)..."""
-_MLFLOW_BY_STATUS = {
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "ENDPOINT_NOT_FOUND",
-    429: "REQUEST_LIMIT_EXCEEDED",
-    503: "TEMPORARILY_UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-"""...or, for the others, by HTTP status (then BAD_REQUEST for a 4xx, INTERNAL_ERROR for a 5xx)."""
-
-
-def protocol_of(path: str) -> str:
-    """``v2``, ``mlflow`` or ``ferry``: whose error body a request to ``path`` gets."""
-    if path == "/v2" or path.startswith("/v2/"):
-        return "v2"
-    if path in MLFLOW_PATHS or (path.startswith("/models/") and path.endswith("/invocations")):
-        return "mlflow"
-    return "ferry"
 
 
 def error_response(
     status: int, code: str, message: str, details: dict[str, Any] | None = None, path: str = ""
 ) -> Response:
     """The error body of the protocol that ``path`` belongs to (Ferry's own when no path is given)."""
-    protocol = protocol_of(path)
-    body: dict[str, Any]
-    if protocol == "ferry":
-        body = {"error": {"code": code, "message": message, "details": details or {}}}
-    else:
-        if status == HTTPStatus.UNPROCESSABLE_ENTITY:
-            status = HTTPStatus.BAD_REQUEST
-        if protocol == "v2":
-            body = {"error": message}
-        else:
-            fallback = _MLFLOW_BY_STATUS.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-            body = {"error_code": _MLFLOW_CODES.get(code, fallback), "message": message}
+    status, body = protocol_of(path).error_body(status, code, message, details or {})
     return Response(orjson.dumps(body, default=str), status_code=status, media_type="application/json")
 
 

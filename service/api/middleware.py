@@ -3,20 +3,21 @@
 FastAPI's per-route machinery (dependency solving, query and cookie parsing, its exit stacks) costs
 about as much per request as the whole of a small model's inference: on a 2-core machine a FastAPI
 endpoint that parses JSON and returns a constant answers about 7,000 requests/s, a bare ASGI one about
-19,000. The inference routes are declared on the FastAPI app like every other route (so OpenAPI, docs
-and the route table show them), and this middleware calls the very same endpoint functions directly
-when method and path match, with the same error rendering. Every other route goes through FastAPI.
+19,000. The inference routes are codecs in the protocol table (``api/protocols/``), declared on the
+FastAPI app from that same table (so OpenAPI, docs and the route table show them); this middleware runs
+a matching route's codec and the pipeline directly (decode, ``Pipeline.infer``, encode), with the same
+error rendering. Every other route goes through FastAPI.
 
-It also tells the inference service how to see that a request's client hung up (``CLIENT_GONE``), so
-rows still queued for a departed client are dropped instead of computed: under overload, clients that
-time out and retry would otherwise make the model compute answers nobody reads.
+It also hands the pipeline, in the ``Call``, a probe of whether the request's client hung up, so rows
+still queued for a departed client are dropped instead of computed: under overload, clients that time
+out and retry would otherwise make the model compute answers nobody reads.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +27,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
 from service.api.auth import KeyRing
-from service.api.deps import service_of
+from service.api.deps import pipeline_of
+from service.api.protocols.base import Codec, Route
 from service.api.replay import ResponseCache
 from service.batcher import Probe
 from service.errors import FerryError, PayloadTooLarge
-from service.inference import CLIENT_GONE, LAST_ANSWER
 from service.metrics import Metrics
-
-Endpoint = Callable[..., Awaitable[Response]]
 
 
 class FastPath:
@@ -42,7 +41,7 @@ class FastPath:
     def __init__(
         self,
         app: ASGIApp,
-        routes: Sequence[tuple[str, str, Endpoint]],
+        routes: Sequence[tuple[Route, Codec]],
         metrics: Metrics,
         keys: KeyRing,
         max_body_bytes: int,
@@ -56,11 +55,11 @@ class FastPath:
         inprogress = metrics.http_inprogress
         self._exact: dict[tuple[str, str], _Route] = {}
         self._patterns: list[tuple[str, re.Pattern[str], _Route]] = []
-        for method, template, endpoint in routes:
-            route = _Route(endpoint, template, inprogress.labels(template, method))
+        for declared, codec in routes:
+            method, template = declared.method, declared.path
+            route = _Route(codec, template, inprogress.labels(template, method))
             if "{" in template:
-                regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
-                self._patterns.append((method, re.compile(regex), route))
+                self._patterns.append((method, declared.pattern(), route))
             else:
                 self._exact[(method, template)] = route
 
@@ -70,8 +69,8 @@ class FastPath:
             return
         match = self._match(scope["method"], scope["path"])
         if match is not None:
-            CLIENT_GONE.set(hangup_probe(receive))  # from uvicorn's own receive, before it is wrapped
-            await self._serve(scope, _limited(receive, self._max_body), send, *match)
+            gone = hangup_probe(receive)  # from uvicorn's own receive, before it is wrapped
+            await self._serve(scope, _limited(receive, self._max_body), send, gone, *match)
             return
         receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
         declared = _content_length(scope)
@@ -83,7 +82,13 @@ class FastPath:
         await self.app(scope, receive, send)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, route: _Route, params: dict[str, Any]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        gone: Probe | None,
+        route: _Route,
+        params: dict[str, str],
     ) -> None:
         started = time.perf_counter()
         request = Request(scope, receive)
@@ -94,7 +99,7 @@ class FastPath:
             declared = _content_length(scope)
             if declared is not None and declared > self._max_body:
                 raise PayloadTooLarge(_too_large(self._max_body))  # before reading any of the body
-            response = await self._answer(scope, request, route, params)
+            response = await self._answer(scope, request, route, params, gone)
         except FerryError as exc:
             response = await errors.ferry_error(request, exc)
         except Exception as exc:
@@ -108,26 +113,26 @@ class FastPath:
         )  # fmt: skip
 
     async def _answer(
-        self, scope: Scope, request: Request, route: _Route, params: dict[str, Any]
+        self, scope: Scope, request: Request, route: _Route, params: dict[str, str], gone: Probe | None
     ) -> Response:
-        """The endpoint's answer, or a replay of it when the same request was answered before."""
-        replay = self._replay
+        """The codec's answer through the pipeline, or a replay of it when the same request was answered
+        before."""
+        codec, replay = route.codec, self._replay
         if replay is None or request.headers.get("cache-control"):
-            return await route.endpoint(request, **params)
-        service = service_of(request)
-        key = replay.key(scope, await request.body(), service.generation)
+            pipeline = pipeline_of(request)
+            return codec.encode(await pipeline.infer(await codec.decode(request, params, gone)))
+        pipeline = pipeline_of(request)
+        key = replay.key(scope, await request.body(), pipeline.models.generation)
         entry = replay.get(key)
         if entry is not None:
-            entry.answered.metrics.replayed(entry.answered.protocol, entry.answered.rows)
+            entry.answer.metrics.replayed(entry.answer.protocol, entry.answer.rows)
             return entry.response()
-        LAST_ANSWER.set(None)
-        response = await route.endpoint(request, **params)
-        answered = LAST_ANSWER.get()
-        if answered is not None:
-            replay.put(key, response, answered)
+        answer = await pipeline.infer(await codec.decode(request, params, gone))
+        response = codec.encode(answer)
+        replay.put(key, response, answer)
         return response
 
-    def _match(self, method: str, path: str) -> tuple[_Route, dict[str, Any]] | None:
+    def _match(self, method: str, path: str) -> tuple[_Route, dict[str, str]] | None:
         route = self._exact.get((method, path))
         if route is not None:
             return route, {}
@@ -177,6 +182,6 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    endpoint: Endpoint
+    codec: Codec
     template: str
     inprogress: Any  # the gauge child of this route

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from starlette.types import Scope
 
 from service.cache import ByteLRU
-from service.inference import Answered
+from service.pipeline import Answer
 
 _VARY = (b"content-type", b"inference-header-content-length")
 
@@ -34,7 +34,7 @@ class Replay:
     body: bytes
     headers: list[tuple[bytes, bytes]]
     media_type: str | None
-    answered: Answered
+    answer: Answer
 
     def response(self) -> Response:
         response = Response(self.body, media_type=self.media_type)
@@ -61,12 +61,12 @@ class ResponseCache:
     def get(self, key: bytes) -> Replay | None:
         return self._lru.get(key)
 
-    def put(self, key: bytes, response: Response, answered: Answered) -> None:
-        if answered.ttl_s is None or response.status_code != 200:
+    def put(self, key: bytes, response: Response, answer: Answer) -> None:
+        if answer.replay_ttl_s is None or response.status_code != 200:
             return
         headers = [(k, b"hit" if k == b"x-cache" else v) for k, v in response.raw_headers]
         self._lru.put(
-            key, Replay(bytes(response.body), headers, response.media_type, answered), answered.ttl_s
+            key, Replay(bytes(response.body), headers, response.media_type, answer), answer.replay_ttl_s
         )
 
     @property
@@ -80,5 +80,5 @@ def _held_bytes(entry: Replay) -> int:
     headers = sum(
         sys.getsizeof(pair) + sys.getsizeof(pair[0]) + sys.getsizeof(pair[1]) for pair in entry.headers
     )
-    parts = (entry, entry.body, entry.headers, entry.answered)
+    parts = (entry, entry.body, entry.headers, entry.answer)
     return sum(map(sys.getsizeof, parts)) + headers

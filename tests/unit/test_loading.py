@@ -1,68 +1,28 @@
-"""One load of a model at a time (``InferenceService.load``): a caller asking for what the load in
+"""One load of a model at a time (``ModelSet.load``): a caller asking for what the load in
 progress will give joins it, any other load of that model waits for it, the reloader skips a model that
 is loading, and no exception of a load or a poll stops the others. A fake registry whose ``load`` waits
-at a gate holds a load in progress for as long as a test needs."""
+at a gate (``fakes.py``) holds a load in progress for as long as a test needs."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pytest
+from fakes import FakeRegistry
 
 from service.config import ReloadSettings, Settings
 from service.errors import ModelLoadError
-from service.inference import InferenceService
+from service.lifecycle import ModelSet
 from service.metrics import Metrics
-from service.registry import LoadedModel, ModelRef
+from service.registry import ModelRef
 from service.reloader import Reloader
-from service.runtime.base import RuntimeInfo, TensorSpec
-
-SPEC = TensorSpec("x", np.dtype(np.float32), (-1, 2))
 
 
-class Doubler:
-    info = RuntimeInfo(runtime="fake", device="cpu")
-
-    def predict_batch(
-        self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None
-    ) -> dict[str, np.ndarray]:
-        return {"y": inputs["x"] * 2}
-
-    def close(self) -> None:
-        pass
-
-
-class GatedRegistry:
-    """Resolves every URI to ``self.version``; ``load`` waits until ``gate`` is set (from a thread, as
-    the real one runs) and records every load it starts."""
-
-    def __init__(self) -> None:
-        self.version = "1"
-        self.gate = threading.Event()
-        self.loads: list[tuple[str, str]] = []
-        self.fail_with: Exception | None = None
-
-    def resolve(self, uri: str) -> ModelRef:
-        return ModelRef(uri=uri, alias="champion", version=self.version, download_uri=uri)
-
-    def load(self, name: str, ref: ModelRef) -> LoadedModel:
-        self.loads.append((name, ref.version))
-        assert self.gate.wait(10), "gate never opened"
-        if self.fail_with is not None:
-            raise self.fail_with
-        return LoadedModel(
-            name, ref, "fake", Doubler(), [SPEC], [TensorSpec("y", SPEC.dtype, SPEC.shape)], None
-        )
-
-
-def service_of(registry: GatedRegistry, *models: str) -> tuple[InferenceService, Metrics]:
+def service_of(registry: FakeRegistry, *models: str) -> tuple[ModelSet, Metrics]:
     metrics = Metrics()
     settings = Settings(models=[f"{m}=models:/{m}@champion" for m in models])
-    return InferenceService(settings, registry, metrics), metrics  # type: ignore[arg-type]
+    return ModelSet(settings, registry, metrics), metrics  # type: ignore[arg-type]
 
 
 async def until(condition: Any) -> None:
@@ -75,7 +35,8 @@ async def until(condition: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_a_poll_during_a_load_skips_and_a_second_caller_joins() -> None:
-    registry = GatedRegistry()
+    registry = FakeRegistry()
+    registry.gate.clear()
     service, metrics = service_of(registry, "m")
     reloader = Reloader(service, registry, metrics, ReloadSettings(poll_s=0.01))  # type: ignore[arg-type]
     starting = asyncio.create_task(service.start())
@@ -99,7 +60,8 @@ async def test_a_poll_during_a_load_skips_and_a_second_caller_joins() -> None:
 
 @pytest.mark.asyncio
 async def test_a_load_of_another_version_waits_for_the_one_in_progress() -> None:
-    registry = GatedRegistry()
+    registry = FakeRegistry()
+    registry.gate.clear()
     service, _ = service_of(registry, "m")
     first = asyncio.create_task(service.load("m"))
     await until(lambda: registry.loads)
@@ -117,7 +79,8 @@ async def test_a_load_of_another_version_waits_for_the_one_in_progress() -> None
 
 @pytest.mark.asyncio
 async def test_a_cancelled_caller_leaves_the_load_running() -> None:
-    registry = GatedRegistry()
+    registry = FakeRegistry()
+    registry.gate.clear()
     service, _ = service_of(registry, "m")
     caller = asyncio.create_task(service.load("m"))
     await until(lambda: registry.loads)
@@ -132,8 +95,7 @@ async def test_a_cancelled_caller_leaves_the_load_running() -> None:
 async def test_any_exception_of_a_load_fails_that_model_only_and_the_reloader_keeps_going(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    registry = GatedRegistry()
-    registry.gate.set()
+    registry = FakeRegistry()
     registry.fail_with = OSError(28, "No space left on device")
     service, metrics = service_of(registry, "a", "b")
     await service.start()  # does not raise: every model it can, the others reported
@@ -150,8 +112,7 @@ async def test_any_exception_of_a_load_fails_that_model_only_and_the_reloader_ke
 async def test_a_poll_that_raises_something_unexpected_is_logged_and_polling_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    registry = GatedRegistry()
-    registry.gate.set()
+    registry = FakeRegistry()
     service, metrics = service_of(registry, "a", "b")
     await service.start()
     calls: list[str] = []
@@ -175,8 +136,7 @@ async def test_a_poll_that_raises_something_unexpected_is_logged_and_polling_goe
 
 
 def test_a_load_failure_that_ferry_does_not_know_becomes_a_model_load_error() -> None:
-    registry = GatedRegistry()
-    registry.gate.set()
+    registry = FakeRegistry()
     registry.fail_with = RuntimeError("boom")
     service, metrics = service_of(registry, "m")
 

@@ -9,11 +9,11 @@ from fastapi.responses import Response
 
 from conftest import FakeClock
 from service.api.replay import ResponseCache
-from service.inference import Answered
+from service.pipeline import Answer
 
 
-def answered(ttl: float | None = 10.0) -> Answered:
-    return Answered("m", 1, "ferry", metrics=None, ttl_s=ttl)  # type: ignore[arg-type]
+def answered(ttl: float | None = 10.0) -> Answer:
+    return Answer("m", "3", "pytorch", {}, "miss", 1, "ferry", replay_ttl_s=ttl, metrics=None)  # type: ignore[arg-type]
 
 
 def ok(body: bytes = b'{"outputs": [1]}') -> Response:

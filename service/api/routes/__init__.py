@@ -1,1 +1,1 @@
-"""Routes: parse, call one InferenceService method, return."""
+"""Routes outside the protocol table (``api/protocols/``): the operations routes and the admin API."""

@@ -10,7 +10,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from service.api.auth import KeyRing
-from service.api.deps import Service
+from service.api.deps import Models
+from service.api.protocols.ferry import describe
+from service.config import BatchSettings, Settings
 
 
 async def require_admin(request: Request) -> None:
@@ -26,22 +28,27 @@ class LoadModel(BaseModel):
 
 
 @router.get("/models", summary="Every model, in any state")
-async def list_models(service: Service) -> dict[str, Any]:
-    return {"models": [service.describe(slot) for slot in service.slots()]}
+async def list_models(request: Request, models: Models) -> dict[str, Any]:
+    return {"models": [describe(slot, _batch(request)) for slot in models.slots()]}
 
 
 @router.put("/models/{name}", summary="Serve a model from a URI (a new one, or a new URI for one served)")
-async def load_model(name: str, body: LoadModel, service: Service) -> dict[str, Any]:
-    return service.describe(await service.add(name, body.uri))
+async def load_model(request: Request, name: str, body: LoadModel, models: Models) -> dict[str, Any]:
+    return describe(await models.add(name, body.uri), _batch(request))
 
 
 @router.post("/models/{name}/reload", summary="Resolve the model's URI again and swap in its version")
-async def reload_model(name: str, service: Service) -> dict[str, Any]:
-    service.find(name)
-    return service.describe(await service.load(name))
+async def reload_model(request: Request, name: str, models: Models) -> dict[str, Any]:
+    models.find(name)
+    return describe(await models.load(name), _batch(request))
 
 
 @router.delete("/models/{name}", status_code=204, summary="Stop serving a model")
-async def unload_model(name: str, service: Service) -> Response:
-    await service.remove(name)
+async def unload_model(name: str, models: Models) -> Response:
+    await models.remove(name)
     return Response(status_code=204)
+
+
+def _batch(request: Request) -> BatchSettings:
+    settings: Settings = request.app.state.settings
+    return settings.batch

@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.schemas.predict import ModelState
 
 router = APIRouter(tags=["health"])
+PATHS = ("/health/live", "/health/ready", "/metrics")
+"""Probes and the scrape: left out of the HTTP metrics."""
 
 
 @router.get("/health/live", summary="Liveness: the process answers")
@@ -26,13 +28,14 @@ async def live() -> dict[str, str]:
     responses={503: {"model": ModelState}},
 )
 async def ready(request: Request) -> Response:
-    service = getattr(request.app.state, "service", None)
-    if service is None:
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
         body, ok = {"status": "starting", "models": {}}, False
     else:
-        ok = service.ready()
-        status = "ready" if ok else ("shutting_down" if service.shutting_down else "not_ready")
-        body = {"status": status, "models": {s.name: s.state for s in service.slots()}}
+        models = pipeline.models
+        ok = models.ready()
+        status = "ready" if ok else ("shutting_down" if models.shutting_down else "not_ready")
+        body = {"status": status, "models": {s.name: s.state for s in models.slots()}}
     return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
 

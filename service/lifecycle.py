@@ -1,70 +1,53 @@
-"""``InferenceService`` and ``ModelSlot``: the one path every protocol's request takes below its route.
+"""The model lifecycle: which models are served, and each one's way from a registry version to the
+version that answers (``ModelSlot``: loading → ready, or failed; a new version is loaded, warmed up and
+swapped in with one reference assignment, then the old one drains and is retired).
 
-validate against the signature → cache → batcher → runtime, with metrics at each stage. A slot holds one
-loaded model version with its batcher; loading builds and warms up a new slot before it replaces the old
-one, so a swap is a single reference assignment.
+``ModelSet`` is used by start-up (``api/app.py``), the reloader, the admin API and the pipeline
+(``pipeline.py``, which asks it for the version answering a model now). Every load of a model goes
+through ``ModelSet.load``: at most one runs per model at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.batcher import Batcher, Probe
-from service.cache import SingleFlight, TieredCache, cache_key, decode_outputs, encode_outputs
+from service.batcher import Batcher
+from service.cache import SingleFlight
 from service.config import Settings
 from service.errors import (
     ConfigurationError,
-    DeadlineExceeded,
     FerryError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     NotReady,
-    Overloaded,
-    PayloadTooLarge,
 )
 from service.metrics import Metrics, ModelMetrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
-from service.signature import decode_inputs
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Prediction:
-    """What a protocol needs to answer one request."""
+class ModelState(enum.StrEnum):
+    """Where a served model stands (``GET /models``, ``/health/ready``)."""
 
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-    cache: str = "miss"
-
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    """What the last ``compute`` of this request answered, for the response cache (``api/replay.py``)."""
-
-    model: str
-    rows: int
-    protocol: str
-    metrics: ModelMetrics
-    ttl_s: float | None
-    """Seconds the answer may be replayed; ``None``: not at all (caching off for the model, or asked)."""
-
-
-LAST_ANSWER: ContextVar[Answered | None] = ContextVar("ferry_last_answer", default=None)
-CLIENT_GONE: ContextVar[Probe | None] = ContextVar("ferry_client_gone", default=None)
-"""Set by the HTTP layer for each request: tells whether its client hung up (``None``: cannot tell).
-Queued rows of a client that left are dropped before they reach the model."""
+    LOADING = "loading"
+    """No version answers yet; the first is loading."""
+    READY = "ready"
+    """A version answers."""
+    FAILED = "failed"
+    """No version answers: the last load failed (the reloader retries it with backoff)."""
+    STOPPED = "stopped"
+    """The server is shutting down."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,25 +93,23 @@ class ModelSlot:
     """One served model: its configuration, its state and the version that answers now."""
 
     spec: ModelSpec
-    state: str = "loading"
+    state: ModelState = ModelState.LOADING
     active: ActiveVersion | None = None
     error: str | None = None
     loading: Loading | None = None
-    """The load in progress, if any: at most one per model at a time (see ``InferenceService.load``)."""
+    """The load in progress, if any: at most one per model at a time (see ``ModelSet.load``)."""
 
     @property
     def name(self) -> str:
         return self.spec.name
 
 
-class InferenceService:
-    """Loads the configured models and answers predictions for every protocol."""
+class ModelSet:
+    """The served models: loads them, swaps versions in, retires old ones, answers which version
+    serves a model now."""
 
-    def __init__(
-        self, settings: Settings, registry: ModelRegistry, metrics: Metrics, cache: TieredCache | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
         self._settings = settings
-        self._cache = cache
         self._registry = registry
         self._metrics = metrics
         specs = [ModelSpec.parse(entry) for entry in settings.models]
@@ -140,8 +121,6 @@ class InferenceService:
         if default is not None and default not in self._slots:
             raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
         self._default = default
-        self._timeout_s = settings.batch.timeout_ms / 1000
-        self._max_rows = settings.limits.max_rows
         self.shutting_down = False
         self.generation = 0
         """Bumped whenever the set of answering versions changes (swap, add, remove): replayed responses
@@ -219,7 +198,7 @@ class InferenceService:
             failure = _load_failure(name, stage, exc)
             self._metrics.load_failures.labels(name, stage).inc()
             if slot.active is None:
-                slot.state, slot.error = "failed", failure.message
+                slot.state, slot.error = ModelState.FAILED, failure.message
                 self._metrics.model_ready.labels(name).set(0)
             if failure is exc:
                 raise
@@ -239,7 +218,7 @@ class InferenceService:
         )
         old, slot.spec, slot.active = slot.active, spec, new
         self.generation += 1
-        slot.state, slot.error = "ready", None
+        slot.state, slot.error = ModelState.READY, None
         self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
         self._metrics.model_ready.labels(name).set(1)
         self._metrics.model_info.labels(*labels).set(1)
@@ -294,12 +273,10 @@ class InferenceService:
         for task in loads:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
-        if self._cache is not None:
-            await self._cache.close()
         for slot in self._slots.values():
             if slot.active is not None:
                 await slot.active.close()
-            slot.state = "stopped"
+            slot.state = ModelState.STOPPED
 
     def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, ModelMetrics]:
         batch = self._settings.batch
@@ -337,7 +314,7 @@ class InferenceService:
         try:
             example = {s.name: np.ascontiguousarray(example[s.name], dtype=s.dtype) for s in model.inputs}
             rows = int(next(iter(example.values())).shape[0])
-            result = await batcher.submit(example, rows, max(self._timeout_s, 60.0))
+            result = await batcher.submit(example, rows, max(self._settings.batch.timeout_ms / 1000, 60.0))
         except FerryError as exc:
             raise ModelLoadError(f"model {name} v{model.ref.version} failed warm-up: {exc.message}") from exc
         except Exception as exc:
@@ -366,7 +343,7 @@ class InferenceService:
                 f"model {name!r} is not served; served models: {sorted(self._slots)}", model=name
             )
         active = slot.active
-        if active is None or slot.state != "ready":
+        if active is None or slot.state != ModelState.READY:
             raise NotReady(f"model {name!r} is {slot.state}" + (f": {slot.error}" if slot.error else ""))
         return active
 
@@ -387,140 +364,7 @@ class InferenceService:
         return slot
 
     def ready(self) -> bool:
-        return not self.shutting_down and all(s.state == "ready" for s in self._slots.values())
-
-    def describe(self, slot: ModelSlot) -> dict[str, Any]:
-        batch = self._settings.batch
-        out: dict[str, Any] = {"name": slot.name, "uri": slot.spec.uri, "state": slot.state}
-        if slot.error:
-            out["error"] = slot.error
-        if slot.active is not None:
-            model = slot.active.model
-            info = model.runtime.info
-            out |= {
-                "alias": model.ref.alias,
-                "version": model.ref.version,
-                "flavor": model.flavor,
-                "runtime": info.runtime,
-                "device": info.device,
-                "providers": list(info.providers),
-                "signature": {
-                    "inputs": [s.describe() for s in model.inputs],
-                    "outputs": [s.describe() for s in model.outputs],
-                },
-            }
-        out["batching"] = {
-            "enabled": batch.enabled,
-            "max_rows": batch.max_rows,
-            "max_wait_ms": batch.max_wait_ms,
-            "queue_rows": batch.queue_rows,
-            "timeout_ms": batch.timeout_ms,
-        }
-        return out
-
-    # -- the hot path ------------------------------------------------------------------------------
-    async def predict(
-        self,
-        name: str | None,
-        inputs: Any,
-        *,
-        protocol: str = "ferry",
-        params: Mapping[str, Any] | None = None,
-        cache_control: str | None = None,
-    ) -> Prediction:
-        """Validate ``inputs`` (decoded JSON) against the model's signature and compute them."""
-        started = time.perf_counter()
-        active = self.active(name)
-        try:
-            arrays, rows = decode_inputs(active.model.inputs, inputs)
-        except InvalidInput:
-            active.metrics.invalid.inc()
-            raise
-        return await self.compute(
-            active,
-            arrays,
-            rows,
-            protocol=protocol,
-            params=params,
-            cache_control=cache_control,
-            started=started,
-        )
-
-    async def compute(
-        self,
-        active: ActiveVersion,
-        arrays: dict[str, np.ndarray],
-        rows: int,
-        *,
-        protocol: str,
-        params: Mapping[str, Any] | None = None,
-        cache_control: str | None = None,
-        started: float | None = None,
-    ) -> Prediction:
-        """Answer validated arrays from the cache or the version's batcher; the answer names the version.
-
-        The cache works per request: the key covers every row, so a repeat of the same request is a
-        hit. ``cache_control`` ``no-cache`` skips the lookup but stores the result, ``no-store`` does
-        neither. Identical requests in flight at once run the model once.
-        """
-        started = started if started is not None else time.perf_counter()
-        if rows > self._max_rows:
-            raise PayloadTooLarge(
-                f"{rows} rows in one request; the limit is {self._max_rows} (FERRY_LIMITS__MAX_ROWS)",
-                rows=rows,
-            )
-        model, cache = active.model, self._cache
-        name, version = model.name, model.ref.version
-        key = None
-        if cache is not None and cache_control != "no-store" and cache.enabled(name):
-            try:
-                key = cache_key(name, version, arrays, params)
-            except TypeError:  # inputs the cache cannot key (strings): compute them every time
-                key = None
-        if key is not None and cache is not None and cache_control != "no-cache":
-            value, _tier = await cache.get(name, key)
-            if value is not None:
-                outputs = decode_outputs(value)
-                active.metrics.total_s.observe(time.perf_counter() - started)
-                active.metrics.answered(protocol, rows)
-                LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, cache.ttl_s(name)))
-                return Prediction(name, version, outputs, cache="hit")
-        gone = CLIENT_GONE.get()
-        if key is None:
-            outputs = await self._run(active, arrays, rows, params, gone)
-        else:
-            outputs = await active.flights.run(
-                key, lambda all_gone: self._run(active, arrays, rows, params, all_gone), gone
-            )
-            assert cache is not None
-            with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
-                await cache.set(name, key, encode_outputs(outputs), cache.ttl_s(name))
-        active.metrics.total_s.observe(time.perf_counter() - started)
-        active.metrics.answered(protocol, rows)
-        ttl = cache.ttl_s(name) if key is not None and cache is not None and cache_control is None else None
-        LAST_ANSWER.set(Answered(name, rows, protocol, active.metrics, ttl))
-        return Prediction(name, version, outputs)
-
-    async def _run(
-        self,
-        active: ActiveVersion,
-        arrays: dict[str, np.ndarray],
-        rows: int,
-        params: Mapping[str, Any] | None = None,
-        gone: Probe | None = None,
-    ) -> dict[str, np.ndarray]:
-        m = active.metrics
-        try:
-            result = await active.batcher.submit(arrays, rows, self._timeout_s, params, gone)
-        except Overloaded:
-            m.overload.inc()
-            raise
-        except DeadlineExceeded:
-            m.timeout.inc()
-            raise
-        m.queue_s.observe(result.queue_s)
-        m.compute_s.observe(result.compute_s)
-        return result.outputs
+        return not self.shutting_down and all(s.state == ModelState.READY for s in self._slots.values())
 
 
 def _clear(slot: ModelSlot, loading: Loading) -> None:

@@ -8,26 +8,28 @@ protocol's ``{"error": "..."}``; input that does not match the model is 400, as 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import Response
 
 from service import __version__
 from service.api import tensors
-from service.api.deps import cache_control, service_of
+from service.api.deps import cache_control, models_of
 from service.api.jsonbody import parse_object
-from service.api.middleware import Endpoint
+from service.api.protocols.base import Codec, Protocol, Route
+from service.batcher import Probe
 from service.errors import InvalidInput, ModelNotFound, NotReady
-from service.inference import ActiveVersion, InferenceService, ModelSlot, Prediction
+from service.lifecycle import ActiveVersion, ModelSlot, ModelState
+from service.pipeline import Answer, Call, Decoded
+from service.registry import LoadedModel
 from service.schemas import v2 as schema
 from service.signature import shared_rows
 
 if TYPE_CHECKING:
     from service.runtime.base import TensorSpec
-
-router = APIRouter(tags=["open inference protocol v2"])
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "pytorch": "mlflow_pytorch", "pyfunc": "mlflow_pyfunc"}
 """The ``platform`` of a model's metadata, by MLflow flavor."""
@@ -35,111 +37,65 @@ EXTENSIONS = ["binary_tensor_data"]
 _HEADER = "inference-header-content-length"
 _TRANSPORT = frozenset({"binary_data_output"})
 """Request parameters about the response's encoding: not model parameters, not part of the cache key."""
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schema.ErrorResponse} for code in (400, 404, 413, 503, 504)
-}
-_INFER_DOC: dict[str, Any] = {
-    "response_model": schema.InferenceResponse,
-    "responses": _ERRORS,
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": schema.inline_schema(schema.InferenceRequest)}},
-        }
-    },
-}
 
 
-@router.get("/v2", summary="Server metadata", response_model=schema.ServerMetadata)
 async def server_metadata() -> dict[str, Any]:
     return {"name": "ferry", "version": __version__, "extensions": EXTENSIONS}
 
 
-@router.get("/v2/health/live", summary="Server live", response_model=schema.ServerLive)
 async def server_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Server ready: every model loaded", response_model=schema.ServerReady)
 async def server_ready(request: Request) -> Response:
-    service: InferenceService | None = getattr(request.app.state, "service", None)
-    ready = service is not None and service.ready()
+    pipeline = getattr(request.app.state, "pipeline", None)
+    ready = pipeline is not None and pipeline.models.ready()
     return _json({"ready": ready}, 200 if ready else 503)
 
 
-@router.get("/v2/models/{name}", summary="Model metadata", response_model=schema.ModelMetadata)
 async def model_metadata(request: Request, name: str) -> dict[str, Any]:
-    return _metadata(service_of(request).find(name), None)
+    return _metadata(models_of(request).find(name), None)
 
 
-@router.get(
-    "/v2/models/{name}/versions/{version}",
-    summary="Model version metadata",
-    response_model=schema.ModelMetadata,
-)
 async def version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
-    return _metadata(service_of(request).find(name), version)
+    return _metadata(models_of(request).find(name), version)
 
 
-@router.get("/v2/models/{name}/ready", summary="Model ready", response_model=schema.ModelReady)
 async def model_ready(request: Request, name: str) -> Response:
-    return _ready(service_of(request).find(name), None)
+    return _ready(models_of(request).find(name), None)
 
 
-@router.get(
-    "/v2/models/{name}/versions/{version}/ready",
-    summary="Model version ready",
-    response_model=schema.ModelReady,
-)
 async def version_ready(request: Request, name: str, version: str) -> Response:
-    return _ready(service_of(request).find(name), version)
+    return _ready(models_of(request).find(name), version)
 
 
-@router.post("/v2/models/{name}/infer", summary="Inference", **_INFER_DOC)
-async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, name, None)
+async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) -> Call:
+    """The raw body and headers; the pipeline has them decoded against the answering version."""
+    body = await request.body()
+    header_length = request.headers.get(_HEADER)
 
-
-@router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on a version", **_INFER_DOC)
-async def infer_version(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, name, version)
-
-
-FAST_ROUTES: list[tuple[str, str, Endpoint]] = [
-    ("POST", "/v2/models/{name}/infer", infer),
-    ("POST", "/v2/models/{name}/versions/{version}/infer", infer_version),
-]
-"""Served by ``FastPath`` without FastAPI's per-route machinery."""
-
-
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    service = service_of(request)
-    active = service.active(name)
-    _check_version(name, version, active)
-    header, binary = tensors.split_body(await request.body(), request.headers.get(_HEADER))
-    body = parse_object(bytes(header), arrays=(), tensors=("inputs",))
-    try:
-        arrays = tensors.decode_inputs(active.model.inputs, body.get("inputs"), binary)
+    def inputs_of(model: LoadedModel) -> Decoded:
+        header, binary = tensors.split_body(body, header_length)
+        parsed = parse_object(bytes(header), arrays=(), tensors=("inputs",))
+        arrays = tensors.decode_inputs(model.inputs, parsed.get("inputs"), binary)
         rows = shared_rows(arrays)
-        parameters = _parameters(body.get("parameters"), "request")
+        parameters = _parameters(parsed.get("parameters"), "request")
         default_binary = parameters.get("binary_data_output") is True
-        selection = _selection(body.get("outputs"), active.model.outputs, default_binary)
-        request_id = body.get("id")
+        selection = _selection(parsed.get("outputs"), model.outputs, default_binary)
+        request_id = parsed.get("id")
         if request_id is not None and not isinstance(request_id, str):
             raise InvalidInput("field 'id' must be a string", field="id")
-    except InvalidInput:
-        active.metrics.invalid.inc()
-        raise
-    params = {k: v for k, v in parameters.items() if k not in _TRANSPORT} or None
-    result = await service.compute(
-        active, arrays, rows, protocol="v2", params=params, cache_control=cache_control(request)
+        params = {k: v for k, v in parameters.items() if k not in _TRANSPORT} or None
+        return Decoded(arrays, rows, params, (request_id, selection, default_binary))
+
+    return Call(
+        path["name"], "v2", inputs_of, version=path.get("version"), cache=cache_control(request), gone=gone
     )
-    return _render(result, request_id, selection, default_binary)
 
 
-def _render(
-    result: Prediction, request_id: str | None, selection: list[tuple[str, bool]] | None, default: bool
-) -> Response:
+def encode(answer: Answer) -> Response:
+    request_id, selection, default = answer.extra
+    result = answer
     outputs, blobs = [], []
     for name, binary in selection if selection is not None else [(n, default) for n in result.outputs]:
         array = result.outputs.get(name)
@@ -224,7 +180,7 @@ def _metadata(slot: ModelSlot, version: str | None) -> dict[str, Any]:
 def _ready(slot: ModelSlot, version: str | None) -> Response:
     if slot.active is not None:
         _check_version(slot.name, version, slot.active)
-    ready = slot.state == "ready" and slot.active is not None
+    ready = slot.state == ModelState.READY and slot.active is not None
     return _json({"name": slot.name, "ready": ready}, 200 if ready else 503)
 
 
@@ -234,3 +190,55 @@ def _tensor(spec: TensorSpec) -> dict[str, Any]:
 
 def _json(body: dict[str, Any], status: int) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def error_body(
+    status: int, code: str, message: str, details: Mapping[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """``{"error": message}``; input that does not match the model is 400, as KServe and Triton answer."""
+    if status == HTTPStatus.UNPROCESSABLE_ENTITY:
+        status = HTTPStatus.BAD_REQUEST
+    return status, {"error": message}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schema.ErrorResponse} for code in (400, 404, 413, 503, 504)
+}
+_INFER_DOC: dict[str, Any] = {
+    "response_model": schema.InferenceResponse,
+    "responses": _ERRORS,
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema.inline_schema(schema.InferenceRequest)}},
+        }
+    },
+}
+CODEC = Codec(decode, encode)
+_META = {"response_model": schema.ModelMetadata}
+_READY = {"response_model": schema.ModelReady}
+ROUTES = (
+    Route("GET", "/v2", server_metadata,
+          {"summary": "Server metadata", "response_model": schema.ServerMetadata}),
+    Route("GET", "/v2/health/live", server_live,
+          {"summary": "Server live", "response_model": schema.ServerLive}, metered=False),
+    Route("GET", "/v2/health/ready", server_ready,
+          {"summary": "Server ready: every model loaded", "response_model": schema.ServerReady},
+          metered=False),
+    Route("GET", "/v2/models/{name}", model_metadata, {"summary": "Model metadata", **_META}),
+    Route("GET", "/v2/models/{name}/versions/{version}", version_metadata,
+          {"summary": "Model version metadata", **_META}),
+    Route("GET", "/v2/models/{name}/ready", model_ready, {"summary": "Model ready", **_READY}),
+    Route("GET", "/v2/models/{name}/versions/{version}/ready", version_ready,
+          {"summary": "Model version ready", **_READY}),
+    Route("POST", "/v2/models/{name}/infer", CODEC, {"summary": "Inference", **_INFER_DOC}),
+    Route("POST", "/v2/models/{name}/versions/{version}/infer", CODEC,
+          {"summary": "Inference on a version", **_INFER_DOC}),
+)  # fmt: skip
+PROTOCOL = Protocol(
+    "v2",
+    "open inference protocol v2",
+    ROUTES,
+    error_body,
+    owns=lambda path: path == "/v2" or path.startswith("/v2/"),
+)

@@ -1,0 +1,185 @@
+"""The one request pipeline every protocol calls: ``Pipeline.infer(call) -> answer``.
+
+A protocol's codec (``api/protocols/``) turns a request into a ``Call`` and an ``Answer`` into a
+response; everything between is here, once: the version that answers, decoding against that version's
+signature (an ``InvalidInput`` there is counted), the row limit, one cache lookup, single-flight of
+identical requests, the batcher, one cache write, and the model's metrics. Request data travels in the
+``Call`` and the ``Answer``, never in context variables, so any entry point (HTTP, gRPC, a batch job)
+gets the same behaviour by building a ``Call``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batcher import Probe
+from service.cache import TieredCache, cache_key
+from service.config import Settings
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge
+from service.lifecycle import ActiveVersion, ModelSet
+from service.metrics import ModelMetrics
+from service.registry import LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A request's inputs, checked against the signature of the version that will answer it."""
+
+    arrays: dict[str, np.ndarray]
+    rows: int
+    params: Mapping[str, Any] | None = None
+    extra: Any = None
+    """What the codec keeps from decoding for encoding the answer (v2: output selection, request id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One inference request, as every protocol states it.
+
+    ``decode`` is the codec's decoding of the request's inputs against a model version's signature: the
+    pipeline calls it with the version it resolved, so inputs are always checked against the version
+    that computes them, even while a swap happens."""
+
+    model: str | None
+    """The served model's name; ``None``: the default model."""
+    protocol: str
+    """``ferry``, ``v2`` or ``mlflow``: the label of the answered-requests metrics."""
+    decode: Callable[[LoadedModel], Decoded]
+    version: str | None = None
+    """A version the request insists on (v2's ``/versions/{v}/``): 404 unless it is the one loaded."""
+    cache: str | None = None
+    """Cache policy: ``None``, ``no-cache`` (skip the lookup, store the answer) or ``no-store`` (neither)."""
+    gone: Probe | None = None
+    """Turns true once the client has hung up (``None``: cannot tell): its queued rows are dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a protocol needs to answer one call."""
+
+    model: str
+    version: str
+    flavor: str
+    outputs: dict[str, np.ndarray]
+    cache: str
+    """``hit`` or ``miss``."""
+    rows: int
+    protocol: str
+    replay_ttl_s: float | None
+    """Seconds the rendered answer may be replayed (the response tier); ``None``: not at all (caching
+    off for the model, or the request asked for no caching)."""
+    metrics: ModelMetrics
+    extra: Any = None
+
+
+class Pipeline:
+    """Answers calls with the versions ``models`` serves, through the cache and each version's batcher."""
+
+    def __init__(self, settings: Settings, models: ModelSet, cache: TieredCache | None = None) -> None:
+        self.models = models
+        self._cache = cache
+        self._timeout_s = settings.batch.timeout_ms / 1000
+        self._max_rows = settings.limits.max_rows
+
+    async def infer(self, call: Call) -> Answer:
+        """Decode, then answer from the cache or the batcher; the answer names the version.
+
+        The cache works per request: the key covers every row, so a repeat of the same request is a
+        hit. Identical requests in flight at once run the model once."""
+        started = time.perf_counter()
+        active = self.models.active(call.model)
+        if call.version is not None and call.version != active.version:
+            name, loaded = active.model.name, active.version
+            raise ModelNotFound(
+                f"model {name!r} version {call.version!r} is not loaded; loaded version(s): [{loaded!r}]",
+                model=name,
+                loaded=[loaded],
+            )
+        model = active.model
+        try:
+            decoded = call.decode(model)
+        except InvalidInput:
+            active.metrics.invalid.inc()
+            raise
+        rows, params = decoded.rows, decoded.params
+        if rows > self._max_rows:
+            raise PayloadTooLarge(
+                f"{rows} rows in one request; the limit is {self._max_rows} (FERRY_LIMITS__MAX_ROWS)",
+                rows=rows,
+            )
+        cache, name, version = self._cache, model.name, model.ref.version
+        key = None
+        if cache is not None and call.cache != "no-store" and cache.enabled(name):
+            try:
+                key = cache_key(name, version, decoded.arrays, params)
+            except TypeError:  # inputs the cache cannot key (strings): compute them every time
+                key = None
+        tier = "miss"
+        outputs: dict[str, np.ndarray] | None = None
+        if key is not None and cache is not None and call.cache != "no-cache":
+            outputs, _tier = await cache.get(name, key)
+            if outputs is not None:
+                tier = "hit"
+        if outputs is None:
+            outputs = await self._compute(active, decoded, key, call.gone)
+        active.metrics.total_s.observe(time.perf_counter() - started)
+        active.metrics.answered(call.protocol, rows)
+        ttl = cache.ttl_s(name) if key is not None and cache is not None and call.cache is None else None
+        return Answer(
+            name,
+            version,
+            model.flavor,
+            outputs,
+            tier,
+            rows,
+            call.protocol,
+            ttl,
+            active.metrics,
+            decoded.extra,
+        )
+
+    async def _compute(
+        self, active: ActiveVersion, decoded: Decoded, key: bytes | None, gone: Probe | None
+    ) -> dict[str, np.ndarray]:
+        """The model's outputs through the batcher; with a cache key, once for identical calls in flight
+        and stored."""
+        if key is None:
+            return await self._run(active, decoded, gone)
+        computed: dict[str, np.ndarray] = await active.flights.run(
+            key, lambda all_gone: self._run(active, decoded, all_gone), gone
+        )
+        cache = self._cache
+        assert cache is not None
+        name = active.model.name
+        with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
+            await cache.set(name, key, computed, cache.ttl_s(name))
+        return computed
+
+    async def _run(
+        self, active: ActiveVersion, decoded: Decoded, gone: Probe | None
+    ) -> dict[str, np.ndarray]:
+        m = active.metrics
+        try:
+            result = await active.batcher.submit(
+                decoded.arrays, decoded.rows, self._timeout_s, decoded.params, gone
+            )
+        except Overloaded:
+            m.overload.inc()
+            raise
+        except DeadlineExceeded:
+            m.timeout.inc()
+            raise
+        m.queue_s.observe(result.queue_s)
+        m.compute_s.observe(result.compute_s)
+        return result.outputs
+
+    async def close(self) -> None:
+        """Flush and close the cache (the models close on their own)."""
+        if self._cache is not None:
+            await self._cache.close()
