@@ -65,16 +65,12 @@ def encode_outputs(outputs: Mapping[str, np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
-def decode_outputs(data: bytes | Outputs) -> Outputs:
+def decode_outputs(data: bytes) -> Outputs:
     """What ``encode_outputs`` wrote, as read-only views on ``data``; ``CorruptCacheValue`` otherwise.
 
     Each array is one object whose base is ``data`` itself (no intermediate array), so a decoded value
     holds ``data``, the dict, the names and one array object per output: ``held_bytes`` counts them.
     """
-    if isinstance(data, dict):
-        # Transitional: outputs ``TieredCache.get`` already decoded, handed back by a caller written for
-        # the bytes it used to return (``InferenceService.compute``). Remove with that call site's decode.
-        return data
     try:
         magic, count = _VALUE_HEAD.unpack_from(data)
         if magic != _MAGIC:

@@ -92,15 +92,14 @@ class TieredCache:
             self.memory.put(key, outputs, self.ttl_s(model))
         return dict(outputs), "redis"
 
-    async def set(self, model: str, key: bytes, outputs: Outputs | bytes, ttl_s: float) -> None:
+    async def set(self, model: str, key: bytes, outputs: Outputs, ttl_s: float) -> None:
         """Store in memory now and in Redis in the background (dropped, and counted, when too many wait).
 
         Raises ``TypeError`` for outputs the cache cannot hold (strings). Encodes once; the memory tier
         keeps that buffer decoded: compact (not a view into the model's whole batch), read-only, and
-        counted by what it holds. (Transitional: ``bytes`` are outputs a caller already encoded, as
-        ``InferenceService.compute`` still does; remove with that call site's ``encode_outputs``.)
+        counted by what it holds.
         """
-        data = outputs if isinstance(outputs, bytes) else encode_outputs(outputs)
+        data = encode_outputs(outputs)
         if self.memory is not None:
             self.memory.put(key, decode_outputs(data), ttl_s)
         if self.redis is None or self.redis.breaker.rejecting():

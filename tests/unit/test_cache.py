@@ -640,20 +640,6 @@ async def test_set_keeps_a_compact_copy_not_the_models_batch(metrics: Metrics, c
     assert cache.memory.get(b"s") is None
 
 
-@pytest.mark.asyncio
-async def test_callers_that_still_encode_and_decode_keep_working(metrics: Metrics, clock: FakeClock) -> None:
-    """Transitional (until InferenceService.compute takes the new interface): ``set`` of encoded bytes
-    and ``decode_outputs`` of what ``get`` answered."""
-    fake = FakeRedis()
-    cache = tiered(metrics, clock, fake)
-    await cache.set("m", b"k", value(), 60)
-    await cache.flush()
-    assert fake.data[cache.redis.redis_key(b"k")] == value()  # type: ignore[union-attr]
-    found, tier = await cache.get("m", b"k")
-    assert found is not None and tier == "memory"
-    assert decode_outputs(found) is found
-
-
 def test_per_model_policy(metrics: Metrics) -> None:
     settings = CacheSettings(
         enabled=False,
