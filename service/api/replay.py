@@ -16,7 +16,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi.responses import Response
 from starlette.types import Scope
@@ -35,6 +35,7 @@ class Replay:
     headers: list[tuple[bytes, bytes]]
     media_type: str | None
     answer: Answer
+    """The answer replayed, for its metrics, protocol and rows; without its outputs (``put``)."""
 
     def response(self) -> Response:
         response = Response(self.body, media_type=self.media_type)
@@ -65,9 +66,11 @@ class ResponseCache:
         if answer.replay_ttl_s is None or response.status_code != 200:
             return
         headers = [(k, b"hit" if k == b"x-cache" else v) for k, v in response.raw_headers]
-        self._lru.put(
-            key, Replay(bytes(response.body), headers, response.media_type, answer), answer.replay_ttl_s
-        )
+        # The body already renders the outputs: keeping the arrays (on a miss, views into the whole batch
+        # the model computed) or the codec's extra would hold memory that no entry's size counts.
+        kept = replace(answer, outputs={}, extra=None)
+        entry = Replay(bytes(response.body), headers, response.media_type, kept)
+        self._lru.put(key, entry, answer.replay_ttl_s)
 
     @property
     def bytes(self) -> int:  # last in the class: above, ``bytes`` is still the builtin

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
+import weakref
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 from fastapi.responses import Response
 
 from conftest import FakeClock
@@ -74,6 +78,17 @@ def test_bounded_in_bytes_least_recently_used_goes_first() -> None:
     assert cache.bytes <= 3 * size
     cache.put(b"huge", ok(b"x" * 4 * size), answered())
     assert cache.get(b"huge") is None
+
+
+def test_a_stored_answer_keeps_its_metrics_not_its_arrays() -> None:
+    batch = np.zeros((1000, 100))  # the batch the model computed; the answer's outputs are a view into it
+    cache, watch = ResponseCache(100_000), weakref.ref(batch)
+    cache.put(b"a", ok(), replace(answered(), outputs={"y": batch[3:4]}))
+    del batch
+    gc.collect()
+    assert watch() is None
+    entry = cache.get(b"a")
+    assert entry is not None and (entry.answer.rows, entry.answer.protocol) == (1, "ferry")
 
 
 def test_bound_holds_in_real_memory() -> None:
