@@ -177,10 +177,10 @@ class Metrics:
             buckets=OUTPUT_BUCKETS,
             registry=r,
         )
-        # Cache (service/cache.py).
+        # Cache (service/cache/, the response tier in service/api/replay.py).
         self.cache_lookups = Counter(
             "ferry_cache_lookups_total",
-            "Prediction cache lookups by tier (memory, redis) and result (hit, miss).",
+            "Prediction cache lookups by tier (response, memory, redis) and result (hit, miss).",
             ["model", "tier", "result"],
             registry=r,
         )

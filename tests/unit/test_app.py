@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
-from fakes import FakeRegistry
 
+from fakes import FakeRegistry
 from service.api.app import create_app
 from service.config import Settings
 from service.errors import ClientGone, InvalidInput, ModelNotFound, PayloadTooLarge
@@ -43,8 +43,11 @@ async def served() -> AsyncIterator[App]:
     settings = Settings(models=["m=models:/m@champion"], limits={"max_rows": 8}, reload={"poll_s": 0})
     app = create_app(settings, metrics, registry)  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
-        while not app.state.pipeline.models.ready():
+        for _ in range(500):  # the models load in the background, as in a real start-up
+            if app.state.pipeline.models.ready():
+                break
             await asyncio.sleep(0.01)
+        assert app.state.pipeline.models.ready()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ferry") as client:
             yield App(client, registry, metrics, app)
@@ -63,7 +66,9 @@ async def test_each_protocol_answers_through_the_pipeline(served: App) -> None:
     assert r.status_code == 200 and r.json() == {"predictions": [[2.0, 4.0]]}
     r = await served.client.post("/invocations", content=b"a,b\n1,2\n", headers={"content-type": "text/csv"})
     assert r.status_code == 200 and r.json() == {"predictions": [[2.0, 4.0]]}
-    answered = {p: served.sample("ferry_inference_requests_total", protocol=p) for p in ("ferry", "v2", "mlflow")}
+    answered = {
+        p: served.sample("ferry_inference_requests_total", protocol=p) for p in ("ferry", "v2", "mlflow")
+    }
     assert answered == {"ferry": 1, "v2": 1, "mlflow": 2}
 
 

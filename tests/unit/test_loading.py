@@ -9,8 +9,8 @@ import asyncio
 from typing import Any
 
 import pytest
-from fakes import FakeRegistry
 
+from fakes import FakeRegistry
 from service.config import ReloadSettings, Settings
 from service.errors import ModelLoadError
 from service.lifecycle import ModelSet
