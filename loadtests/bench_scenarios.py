@@ -1,0 +1,199 @@
+"""What the benchmark measures: the server configurations (``Instance``), the scenarios (model, rows
+per request, connections, protocol, which servers) and the request bodies each server gets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+ALIAS = "champion"
+ONNX, TORCH, CNN = "tabular-mlp-onnx", "tabular-mlp", "image-cnn"
+FEATURES, IMAGE = 64, (3, 64, 64)
+UNIQUE = "__N__"
+"""Token in a body that wrk's script replaces by a fresh integer per request (``wrk/post.lua``)."""
+
+
+# ------------------------------------------------------------------------------------------------ definitions
+@dataclass(frozen=True)
+class Instance:
+    """One server process configuration. Runs against it happen while it is up, then it stops."""
+
+    key: str
+    server: str  # "ferry", "mlflow" or "floor"
+    variant: str  # how this Ferry is configured ("" for the default: batching on, cache off)
+    models: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+INSTANCES = {
+    i.key: i
+    for i in (
+        Instance("ferry", "ferry", "", (ONNX, TORCH, CNN), (("FERRY_CACHE__ENABLED", "false"),)),
+        Instance(
+            "ferry-nobatch",
+            "ferry",
+            "batching off",
+            (CNN,),
+            (("FERRY_CACHE__ENABLED", "false"), ("FERRY_BATCH__ENABLED", "false")),
+        ),
+        Instance("ferry-memory", "ferry", "memory cache", (ONNX,), (("FERRY_CACHE__ENABLED", "true"),)),
+        Instance(
+            "ferry-redis",
+            "ferry",
+            "Redis cache",
+            (ONNX,),
+            (
+                ("FERRY_CACHE__ENABLED", "true"),
+                ("FERRY_CACHE__MEMORY_BYTES", "0"),
+                ("FERRY_CACHE__RESPONSE_BYTES", "0"),
+            ),
+        ),
+        Instance(f"mlflow:{ONNX}", "mlflow", "", (ONNX,)),
+        Instance(f"mlflow:{TORCH}", "mlflow", "", (TORCH,)),
+        Instance(f"mlflow:{CNN}", "mlflow", "", (CNN,)),
+        Instance("floor", "floor", ""),
+    )
+}
+ORDER = ["ferry", "ferry-nobatch", "ferry-memory", "ferry-redis", f"mlflow:{ONNX}", f"mlflow:{TORCH}"]
+ORDER += [f"mlflow:{CNN}", "floor"]
+"""Servers start one after another in this order; each runs all its scenarios while it is up."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    title: str
+    model: str
+    rows: int
+    connections: int
+    unique: bool
+    instances: tuple[str, ...]
+    expect_cache_hit: bool = False
+    protocol: str = "predict"
+    """``predict``: Ferry's and the floor's ``/predict``, MLflow's ``/invocations``; ``v2-binary``: the
+    Open Inference Protocol with the binary tensor extension (Ferry; the floor parses its JSON header)."""
+
+
+def scenarios() -> list[Scenario]:
+    out: list[Scenario] = []
+    for model, short in ((ONNX, "onnx"), (TORCH, "torch")):
+        for conns in (1, 16, 64):
+            out.append(
+                Scenario(
+                    f"{short}-1row-c{conns}",
+                    f"{model}, 1 row, {conns} conn",
+                    model,
+                    1,
+                    conns,
+                    True,
+                    ("ferry", f"mlflow:{model}", "floor"),
+                )
+            )
+    out.append(
+        Scenario(
+            "cnn-1img-c16",
+            f"{CNN}, 1 image, 16 conn",
+            CNN,
+            1,
+            16,
+            True,
+            ("ferry", "ferry-nobatch", f"mlflow:{CNN}", "floor"),
+        )
+    )
+    out.append(
+        Scenario(
+            "onnx-256rows-c16",
+            f"{ONNX}, 256 rows, 16 conn",
+            ONNX,
+            256,
+            16,
+            True,
+            ("ferry", f"mlflow:{ONNX}", "floor"),
+        )
+    )
+    out.append(
+        Scenario(
+            "onnx-256rows-v2bin-c16",
+            f"{ONNX}, 256 rows as v2 binary tensors, 16 conn",
+            ONNX,
+            256,
+            16,
+            False,
+            ("ferry", "floor"),
+            protocol="v2-binary",
+        )
+    )
+    out.append(
+        Scenario(
+            "onnx-1row-cachehit-c64",
+            f"{ONNX}, 1 row repeated (cache hit), 64 conn",
+            ONNX,
+            1,
+            64,
+            False,
+            ("ferry-memory", "ferry-redis", "floor"),
+            expect_cache_hit=True,
+        )
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- bodies
+def rows_json(model: str, rows: int, seed: int = 7) -> str:
+    """``rows`` inputs as JSON text, rounded like a real client's, the first number replaced by the
+    ``__N__`` token (unquoted) so that each request can carry a unique input."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if model == CNN:
+        value: Any = rng.random((rows, *IMAGE)).round(7).tolist()
+        value[0][0][0][0] = UNIQUE
+    else:
+        value = rng.standard_normal((rows, FEATURES)).round(4).tolist()
+        value[0][0] = UNIQUE
+    return json.dumps(value).replace(f'"{UNIQUE}"', UNIQUE)
+
+
+V2_HEADER = "Inference-Header-Content-Length"
+
+
+def body_for(server: str, scenario: Scenario, rows_text: str) -> tuple[bytes, dict[str, str]]:
+    """The body and extra headers of the scenario's requests to ``server``."""
+    if scenario.protocol == "v2-binary":
+        return v2_binary(scenario.rows)
+    model, unique = scenario.model, scenario.unique
+    text = (
+        f'{{"inputs": {rows_text}}}'
+        if server == "mlflow"
+        else f'{{"model": "{model}", "inputs": {rows_text}}}'
+    )
+    return (text if unique else text.replace(UNIQUE, "0.5")).encode(), {}
+
+
+def v2_binary(rows: int, seed: int = 7) -> tuple[bytes, dict[str, str]]:
+    """A v2 inference request for ``tabular-mlp-onnx`` with the input and the output as raw float32
+    (binary tensor data extension): the JSON header, then ``rows`` x 64 little-endian floats."""
+    import numpy as np
+
+    data = np.random.default_rng(seed).standard_normal((rows, FEATURES)).astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [rows, FEATURES],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + data, {"Content-Type": "application/octet-stream", V2_HEADER: str(len(header))}
+
+
+def path_for(server: str, scenario: Scenario) -> str:
+    if scenario.protocol == "v2-binary":
+        return f"/v2/models/{scenario.model}/infer"
+    return "/invocations" if server == "mlflow" else "/predict"
