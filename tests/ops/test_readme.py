@@ -44,7 +44,7 @@ from conftest import (
     stop_server,
     wait_until,
 )
-from delivery_support import setting_env_names
+from delivery_support import setting_env_names, settings_from
 from monitoring_support import register_fake_gpu
 from service.api.app import create_app
 from service.config import Settings
@@ -71,6 +71,52 @@ def test_every_setting_is_in_the_configuration_table() -> None:
     assert not missing, f"settings missing from README's configuration table: {missing}"
     stale = sorted(documented - names)
     assert not stale, f"README documents settings Ferry does not read: {stale}"
+
+
+def _field(settings: Settings, name: str) -> Any:
+    """The value of the setting an environment variable sets (``FERRY_BATCH__MAX_ROWS``: batch.max_rows)."""
+    path = {"MLFLOW_TRACKING_URI": "tracking_uri", "MLFLOW_REGISTRY_URI": "registry_uri"}.get(name)
+    value: Any = settings
+    for part in (path or name.removeprefix("FERRY_").lower()).split("__"):
+        value = getattr(value, part)
+    return value
+
+
+def default_problems(text: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where the configuration table's default column differs from what Ferry does with the variable
+    unset: a default in backticks must parse (by Settings itself) to the built-in value; a default in
+    words ("(none)", "first model") must be an unset (empty) value."""
+    builtin = settings_from({}, monkeypatch)
+    problems = []
+    for name, default in re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", text, flags=re.MULTILINE):
+        quoted = re.fullmatch(r"`([^`]*)`", default.strip())
+        if quoted is None:
+            if _field(builtin, name):
+                problems.append(
+                    f"{name}: README says {default.strip()}, Ferry's default is {_field(builtin, name)!r}"
+                )
+            continue
+        documented = _field(settings_from({name: quoted[1]}, monkeypatch), name)
+        if documented != _field(builtin, name):
+            problems.append(f"{name}: README says {quoted[1]}, Ferry's default is {_field(builtin, name)!r}")
+    return problems
+
+
+def test_configuration_defaults_are_ferrys(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_problems(README.read_text(), monkeypatch) == []
+
+
+def test_configuration_default_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = README.read_text().replace(
+        "| `FERRY_BATCH__MAX_ROWS` | `64` |", "| `FERRY_BATCH__MAX_ROWS` | `32` |"
+    )
+    assert default_problems(text, monkeypatch) == [
+        "FERRY_BATCH__MAX_ROWS: README says 32, Ferry's default is 64"
+    ]
+    text = README.read_text().replace("| `FERRY_DEVICE` | `auto` |", "| `FERRY_DEVICE` | (none) |")
+    assert default_problems(text, monkeypatch) == [
+        "FERRY_DEVICE: README says (none), Ferry's default is 'auto'"
+    ]
 
 
 # Metrics ------------------------------------------------------------------------------------------------
@@ -299,6 +345,7 @@ def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_documented_label_values_are_what_a_live_ferry_exports(live_scrape: str) -> None:
     problems = [p for doc in DOCS for p in label_value_problems(doc.read_text(), live_scrape)]
     assert problems == []
@@ -441,6 +488,7 @@ def _plain_env() -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # training the demo models takes 1 to 4 minutes on 2 busy cores
 def test_readme_examples_answer_what_the_readme_shows(demo_server: Server) -> None:
     shown = examples(README.read_text())
     assert len(shown) >= 6, [e.command for e in shown]
