@@ -147,8 +147,8 @@ class Metrics:
         )
         self.reloads = Counter(
             "ferry_model_reloads_total",
-            "New versions seen by alias following or the admin API, by result: swapped (serving now) or "
-            "rejected (failed to load or warm up; the old version kept serving).",
+            "Versions alias following tried to swap in (retries of a failed one included), by result: "
+            "swapped (serving now) or rejected (failed to load or warm up; the old version kept serving).",
             ["model", "result"],
             registry=r,
         )
