@@ -38,7 +38,6 @@ LAYERS: dict[str, int] = {
     # L2: model lifecycle and the request pipeline
     "service.lifecycle": 2,
     "service.pipeline": 2,
-    "service.inference": 2,
     "service.reloader": 2,
     # L3: HTTP
     "service.api": 3,
