@@ -53,7 +53,7 @@ def test_onnx_model_loads_with_onnx_runtime_and_is_cached_on_disk(
     loaded = models.load("linear-onnx", models.resolve("models:/linear-onnx@champion"))
     assert loaded.flavor == "onnx" and loaded.runtime.info.providers == ("CPUExecutionProvider",)
     assert loaded.runtime.predict_batch({"input": X})["output"].tolist() == [[21.0] * 3]
-    assert (tmp_path / "linear-onnx" / "1" / "MLmodel").exists()
+    assert (tmp_path / "models" / "linear-onnx" / "1" / "MLmodel").exists()
     again = models.load("linear-onnx", models.resolve("models:/linear-onnx/1"))  # from the local copy
     assert again.runtime.predict_batch({"input": X})["output"].tolist() == [[21.0] * 3]
 

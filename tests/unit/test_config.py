@@ -53,13 +53,21 @@ def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch) -> None:
         ("models:/fraud@champion", "fraud", "models:/fraud@champion"),
         ("f=models:/fraud/3", "f", "models:/fraud/3"),
         ("runs:/0123abcd/model", "model", "runs:/0123abcd/model"),
+        ("/mnt/models/fraud", "fraud", "/mnt/models/fraud"),
+        ("fraud=/mnt/models", "fraud", "/mnt/models"),
+        ("file:///mnt/models/fraud/", "fraud", "file:///mnt/models/fraud/"),
+        ("s3://bucket/models/fraud", "fraud", "s3://bucket/models/fraud"),
+        ("f=https://host/artifacts/m?x=1", "f", "https://host/artifacts/m?x=1"),
+        ("mlflow-artifacts:/1/abc/artifacts/model", "model", "mlflow-artifacts:/1/abc/artifacts/model"),
     ],
 )
 def test_model_spec_parsing(entry: str, name: str, uri: str) -> None:
     assert ModelSpec.parse(entry) == ModelSpec(name, uri)
 
 
-@pytest.mark.parametrize("entry", ["s3://bucket/model", "models:/", "bad name=models:/a@b"])
+@pytest.mark.parametrize(
+    "entry", ["nope://bucket/model", "models:/", "bad name=models:/a@b", "relative/model", "file:model"]
+)
 def test_model_spec_rejects_bad_uris(entry: str) -> None:
     with pytest.raises(ConfigurationError):
         ModelSpec.parse(entry)
