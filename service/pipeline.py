@@ -117,7 +117,9 @@ class Pipeline:
         key = None
         if cache is not None and call.cache != "no-store" and cache.enabled(name):
             try:
-                key = cache_key(name, version, decoded.arrays, params)
+                # The source (registered model and version, run, or content digest), not the version
+                # string: a name re-pointed to another model with the same version number must miss.
+                key = cache_key(name, model.ref.source, decoded.arrays, params)
             except TypeError:  # inputs the cache cannot key (strings): compute them every time
                 key = None
         tier = "miss"

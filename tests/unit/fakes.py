@@ -56,7 +56,8 @@ class FakeRegistry:
         self.fail_with: Exception | None = None
 
     def resolve(self, uri: str) -> ModelRef:
-        return ModelRef(uri=uri, alias="champion", version=self.version, download_uri=uri)
+        source = f"{uri.partition('@')[0]}/{self.version}"  # models:/NAME/VERSION, as the real one
+        return ModelRef(uri=uri, alias="champion", version=self.version, download_uri=source, source=source)
 
     def load(self, name: str, ref: ModelRef) -> LoadedModel:
         self.loads.append((name, ref.version))

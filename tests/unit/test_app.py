@@ -82,6 +82,19 @@ async def test_a_repeat_is_a_cache_hit_and_the_model_runs_once(served: App) -> N
     assert runtime.batches.count(1) == 1, runtime.batches  # the warm-up ran 2 rows, the miss 1
 
 
+async def test_a_name_re_pointed_to_another_model_with_the_same_version_never_hits_its_entries(
+    served: App,
+) -> None:
+    body = {"inputs": [[5.0, 6.0]]}
+    assert (await served.client.post("/predict", json=body)).headers["x-cache"] == "miss"
+    assert (await served.client.post("/predict", json=body)).headers["x-cache"] == "hit"
+    models = served.app.state.pipeline.models  # type: ignore[attr-defined]
+    await models.add("m", "models:/other@champion")  # version "2" as well
+    assert models.find("m").active.model.ref.source == "models:/other/2"
+    again = await served.client.post("/predict", json=body)
+    assert again.headers["x-cache"] == "miss" and again.headers["x-model-version"] == "2"
+
+
 async def test_invalid_input_is_counted_once_and_named_on_every_protocol(served: App) -> None:
     r = await served.client.post("/predict", json={"inputs": [[1.0, 2.0, 3.0]]})
     assert r.status_code == 422 and "x" in r.json()["error"]["message"]
