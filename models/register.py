@@ -1,7 +1,8 @@
 """Train the demo models and register them in MLflow with the alias ``champion``.
 
 ``ferry register-demo`` (and ``make serve``) runs this. The registry is ``MLFLOW_TRACKING_URI``
-(default: the sqlite file ``.ferry/mlflow.db``, artifacts under ``.ferry/artifacts``). Each model
+(default: the sqlite file ``.ferry/mlflow.db``, artifacts under ``.ferry/artifacts``; against a tracking
+server the server keeps the artifacts, see ``artifact_location``). Each model
 version is tagged with a fingerprint of this code and the torch version; when the ``champion`` already
 carries the same fingerprint nothing is trained or registered, so running it again takes a second.
 
@@ -99,16 +100,32 @@ def log_onnx(model: torch.nn.Module, example: np.ndarray) -> mlflow.models.model
     )
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where the demo experiment keeps its artifacts. A tracking server decides (``None``): with
+    ``--serve-artifacts`` that is ``mlflow-artifacts:/``, uploaded through the server and downloaded by
+    Ferry from it, so no client path ends up in the registry. A store Ferry and this script open
+    themselves (sqlite, a file folder, a database) gets a ``file://`` folder on this machine:
+    ``FERRY_ARTIFACTS_DIR``, default ``.ferry/artifacts``."""
+    scheme = tracking_uri.split(":", 1)[0].lower() if ":" in tracking_uri else ""
+    if scheme in ("http", "https") or scheme.startswith("databricks") or scheme == "uc":
+        return None
+    return Path(os.environ.get("FERRY_ARTIFACTS_DIR", ".ferry/artifacts")).resolve().as_uri()
+
+
+def use_experiment(uri: str) -> None:
+    """Create the demo experiment unless it exists (see ``artifact_location``) and make it current."""
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+    mlflow.set_experiment(EXPERIMENT)
+
+
 def main() -> None:
     uri = os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_URI)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    use_experiment(uri)
     client = MlflowClient()
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = Path(os.environ.get("FERRY_ARTIFACTS_DIR", ".ferry/artifacts")).resolve()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(EXPERIMENT)
 
     fps = {name: fingerprint(name) for name in ("tabular-mlp", "tabular-mlp-onnx", "image-cnn")}
     todo = {name: fp for name, fp in fps.items() if current(client, name, fp) is None}

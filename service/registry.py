@@ -435,7 +435,12 @@ class ModelRegistry:
                     f"model {name} v{ref.version}: download of {ref.download_uri} failed: {_cause(exc)}"
                 ) from exc
             if not (path / "MLmodel").is_file():
-                raise ModelLoadError(f"model {name} v{ref.version}: {ref.download_uri} holds no MLmodel file")
+                what = (
+                    "holds no MLmodel file"
+                    if any(path.iterdir())
+                    else ("has no files: they are missing from the artifact store (deleted?)")
+                )
+                raise ModelLoadError(f"model {name} v{ref.version}: {ref.download_uri} {what}")
             if ref.source.startswith("sha-") and content_digest(path) != ref.source:
                 raise ModelLoadError(
                     f"model {name} v{ref.version}: {ref.download_uri} changed since it was resolved; "

@@ -80,15 +80,18 @@ def start_tracking_server(root: Path, timeout_s: float = 120.0) -> Server:
 
 @contextlib.contextmanager
 def tracking(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for a block (the session registry's after)."""
+    """MLflow's process-wide tracking URI set to ``uri`` for a block; the URI and the active experiment
+    (an id of this store, meaningless in another) are put back after."""
     import mlflow
+    from mlflow.tracking import fluent
 
-    previous = mlflow.get_tracking_uri()
+    previous, experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        fluent._active_experiment_id = experiment
 
 
 def save_linear(path: Path, weight: float) -> Path:
