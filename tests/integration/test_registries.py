@@ -159,7 +159,9 @@ def test_an_mlflow_artifacts_uri_is_served_under_its_content_digest(
 
 
 def test_a_version_whose_artifacts_were_deleted_is_failed_with_the_cause(via_server: Server) -> None:
-    assert_failed_with_503(via_server, "lost", "models:/lost/1 has no files: they are missing from the artifact store")
+    assert_failed_with_503(
+        via_server, "lost", "models:/lost/1 has no files: they are missing from the artifact store"
+    )
 
 
 def test_register_demo_leaves_the_artifact_location_to_a_tracking_server(
