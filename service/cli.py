@@ -13,12 +13,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from service import __version__, logs
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger("ferry")
 
@@ -66,6 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ferry: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    if warning := exposure_warning(settings):
+        log.warning(warning)
     if not settings.models:
         print(
             "ferry: no models configured: set FERRY_MODELS or pass --model models:/NAME@ALIAS",
@@ -90,6 +95,17 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(_serve_with_ops(server, app, settings))
     return 0 if server.started else 1
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What to warn about when Ferry listens beyond loopback with no API keys (``None``: nothing)."""
+    host = settings.host.strip("[]")
+    if settings.api_keys is not None or host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    return (
+        f"listening on {settings.host}:{settings.port} without API keys: anyone who can reach this port "
+        "can run the models; set FERRY_API_KEYS (see README, Security), or listen on 127.0.0.1"
+    )
 
 
 async def _serve_with_ops(server: GracefulServer, app: Any, settings: Any) -> None:

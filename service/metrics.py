@@ -36,6 +36,9 @@ OUTPUT_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 MAX_CLASS_LABELS = 32
 """Classifiers with more classes than this count their predictions in one ``other`` label."""
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Method labels kept as sent; any other method name a client makes up is counted as ``other``, so that
+clients cannot create label values (and series) at will."""
 STAGES = ("queue", "compute", "total")
 REJECT_REASONS = ("overload", "timeout", "invalid_input", "client_gone")
 
@@ -224,6 +227,8 @@ class Metrics:
         self, handler: str, method: str, status: int, seconds: float, request_bytes: int, response_bytes: int
     ) -> None:
         """Record one HTTP request (label children cached: this runs for every request)."""
+        if method not in HTTP_METHODS:
+            method = "other"
         key = (handler, method, str(status))
         children = self._http_children.get(key)
         if children is None:

@@ -87,6 +87,9 @@ def create_app(
     app.state.metrics = metrics
     errors.install(app)
     _instrument_http(app, metrics)
+    admin_keys = None
+    if settings.admin_token is not None:
+        admin_keys = KeyRing(settings.admin_token, allow_api_key_header=False)
     app.add_middleware(
         FastPath,
         routes=codec_routes(),
@@ -96,6 +99,7 @@ def create_app(
         replay=ResponseCache(settings.cache.response_bytes)
         if settings.cache.enabled and settings.cache.response_bytes > 0
         else None,
+        admin_keys=admin_keys,
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -104,8 +108,8 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    if settings.admin_token is not None:
-        app.state.admin_keys = KeyRing(settings.admin_token, allow_api_key_header=False)
+    if admin_keys is not None:
+        app.state.admin_keys = admin_keys
         app.include_router(admin.router)
     for protocol in PROTOCOLS:
         declare(app, protocol, pipeline_of)

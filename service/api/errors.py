@@ -21,9 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.api.protocols import protocol_of
-from service.errors import FerryError, InvalidInput
+from service.errors import ClientGone, FerryError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,14 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """A client that hung up while its body was read: 499, never a 500 (nobody reads the answer)."""
+    return await ferry_error(request, ClientGone("the client hung up before sending its whole body"))
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(FerryError, ferry_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)

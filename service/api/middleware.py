@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
@@ -31,7 +32,7 @@ from service.api.deps import pipeline_of
 from service.api.protocols.base import Codec, Route
 from service.api.replay import ResponseCache
 from service.batcher import Probe
-from service.errors import FerryError, PayloadTooLarge
+from service.errors import ClientGone, FerryError, PayloadTooLarge
 from service.metrics import Metrics
 
 
@@ -46,8 +47,10 @@ class FastPath:
         keys: KeyRing,
         max_body_bytes: int,
         replay: ResponseCache | None = None,
+        admin_keys: KeyRing | None = None,
     ) -> None:
         self.app = app
+        self._admin_keys = admin_keys
         self._replay = replay
         self._metrics = metrics
         self._keys = keys
@@ -73,10 +76,16 @@ class FastPath:
             await self._serve(scope, _limited(receive, self._max_body), send, gone, *match)
             return
         receive = _limited(receive, self._max_body)  # every route: a body stops at the limit
-        declared = _content_length(scope)
-        if declared is not None and declared > self._max_body:
-            request = Request(scope, receive)
-            response = await errors.ferry_error(request, PayloadTooLarge(_too_large(self._max_body)))
+        try:
+            # The admin token before any of the body is read: an unauthenticated client cannot make
+            # the server buffer a body.
+            if self._admin_keys is not None and _is_admin(scope["path"]):
+                self._admin_keys.check(Request(scope, receive))
+            declared = _content_length(scope)
+            if declared is not None and declared > self._max_body:
+                raise PayloadTooLarge(_too_large(self._max_body))
+        except FerryError as exc:
+            response = await errors.ferry_error(Request(scope, receive), exc)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -102,6 +111,8 @@ class FastPath:
             response = await self._answer(scope, request, route, params, gone)
         except FerryError as exc:
             response = await errors.ferry_error(request, exc)
+        except ClientDisconnect:  # hung up before its whole body arrived: nobody reads an answer
+            response = await errors.ferry_error(request, ClientGone(_GONE_MID_BODY))
         except Exception as exc:
             response = await errors.unexpected_error(request, exc)
         finally:
@@ -151,6 +162,13 @@ def hangup_probe(receive: Receive) -> Probe | None:
     if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
         return None
     return lambda: cycle.disconnected
+
+
+_GONE_MID_BODY = "the client hung up before sending its whole body"
+
+
+def _is_admin(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
 
 
 def _content_length(scope: Scope) -> int | None:

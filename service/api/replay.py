@@ -13,6 +13,7 @@ Entries live in the cache's one LRU (``service/cache/lru.py``), each counted by 
 from __future__ import annotations
 
 import hashlib
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from service.cache import ByteLRU
 from service.pipeline import Answer
 
 _VARY = (b"content-type", b"inference-header-content-length")
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +53,14 @@ class ResponseCache:
 
     @staticmethod
     def key(scope: Scope, body: bytes, generation: int) -> bytes:
-        h = hashlib.blake2b(digest_size=32, person=b"ferry-replay-v1")
-        h.update(f"{generation}\0{scope['method']}\0{scope['path']}\0".encode())
-        for name, value in scope["headers"]:
-            if name in _VARY:
-                h.update(name + b"\0" + value + b"\0")
+        """Every field length-prefixed, so no body can be read as headers, nor a header as another."""
+        h = hashlib.blake2b(digest_size=32, person=b"ferry-replay-v2")
+        fields = [str(generation).encode(), scope["method"].encode(), scope["path"].encode()]
+        fields += [part for name, value in scope["headers"] if name in _VARY for part in (name, value)]
+        for field in fields:
+            h.update(_U64.pack(len(field)))
+            h.update(field)
+        h.update(_U64.pack(len(body)))
         h.update(body)
         return h.digest()
 

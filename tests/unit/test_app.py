@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -166,3 +167,71 @@ async def test_a_call_whose_client_is_gone_is_dropped_before_the_model(served: A
         await pipeline.infer(Call("m", "batch", decode, gone=lambda: True))
     assert runtime.batches == before
     assert served.sample("ferry_requests_rejected_total", model="m", reason="client_gone") == 1
+
+
+async def asgi_call(
+    app: Any, method: str, path: str, messages: list[dict[str, Any]], headers: Any = ()
+) -> int:
+    """Call the app as a server would, with ``messages`` as what ``receive`` returns (then it waits);
+    returns the response status."""
+    pending = messages
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # a client that never sends more
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000), "app": app,
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return int(next(m["status"] for m in sent if m["type"] == "http.response.start"))
+
+
+async def test_a_client_that_hangs_up_mid_body_is_499_not_a_server_error(
+    served: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    partial = [
+        {"type": "http.request", "body": b'{"inputs": [[1.0,', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    headers = [("content-type", "application/json"), ("content-length", "40")]
+    for path in ("/predict", "/v2/models/m/infer", "/invocations"):
+        assert await asgi_call(served.app, "POST", path, list(partial), headers) == 499, path
+    assert served.sample("http_requests_total", status="499") == 3
+    assert served.sample("http_requests_total", status="500") == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_made_up_method_is_counted_as_other(served: App) -> None:
+    r = await served.client.request("BREW", "/predict")
+    assert r.status_code == 405
+    assert served.sample("http_requests_total", method="other", status="405") == 1
+    assert served.sample("http_requests_total", method="BREW") == 0
+
+
+async def test_the_admin_token_is_checked_before_any_of_the_body_is_read() -> None:
+    settings = Settings(
+        models=["m=models:/m@champion"], admin_token="secret-admin-token", reload={"poll_s": 0}
+    )
+    app = create_app(settings, Metrics(process=False), FakeRegistry())  # type: ignore[arg-type]
+    reads: list[str] = []
+
+    class Spy(list):  # type: ignore[type-arg]
+        def pop(self, index: int = -1) -> Any:
+            reads.append("read")
+            return super().pop(index)
+
+    async with app.router.lifespan_context(app):
+        body = Spy([{"type": "http.request", "body": b'{"uri": "models:/x@champion"}', "more_body": False}])
+        status = await asgi_call(app, "PUT", "/admin/models/x", body, [("content-length", "29")])
+    assert status == 401
+    assert reads == [], "the body was read before the token was checked"

@@ -31,3 +31,28 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.startswith("ferry ")
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", None, True),
+        ("10.1.2.3", None, True),
+        ("::", None, True),
+        ("0.0.0.0", "a-key", False),
+        ("127.0.0.1", None, False),
+        ("127.0.0.2", None, False),
+        ("localhost", None, False),
+        ("::1", None, False),
+    ],
+)
+def test_listening_beyond_loopback_without_api_keys_is_warned_about(
+    host: str, keys: str | None, warned: bool
+) -> None:
+    from service.cli import exposure_warning
+    from service.config import Settings
+
+    warning = exposure_warning(Settings(host=host, api_keys=keys))
+    assert (warning is not None) == warned
+    if warned:
+        assert warning is not None and "FERRY_API_KEYS" in warning and host in warning

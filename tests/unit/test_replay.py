@@ -105,3 +105,15 @@ def test_bound_holds_in_real_memory() -> None:
         tracemalloc.stop()
     assert bound - cache.bytes < 2_000  # full
     assert 0.75 * bound <= held <= 1.2 * bound
+
+
+def test_a_body_cannot_pose_as_a_header_in_the_key() -> None:
+    """Fields are length-prefixed: a body that spells out the binary-tensor header is not the request
+    that sends that header."""
+    base = {"method": "POST", "path": "/v2/models/m/infer"}
+    with_header = {**base, "headers": [(b"content-type", b"a"), (b"inference-header-content-length", b"5")]}
+    without = {**base, "headers": [(b"content-type", b"a")]}
+    body = b'{"x":1}'
+    forged = b"inference-header-content-length\x005\x00" + body
+    assert ResponseCache.key(with_header, body, 1) != ResponseCache.key(without, forged, 1)
+    assert ResponseCache.key(with_header, body, 1) == ResponseCache.key(with_header, body, 1)
