@@ -23,7 +23,9 @@ call; ``runs:/`` one call (the run must still exist; a run's artifacts are writt
 its content); a directory one ``stat`` per file, and a re-hash of the files whose size, mtime or inode
 changed; a remote artifact URI one recursive listing (paths and sizes), and a full download into a
 staging folder only when the listing differs from the last one (a rewrite that keeps every path and size
-goes unseen until Ferry restarts: give a new model a new URI).
+goes unseen until Ferry restarts: give a new model a new URI). A directory that is rewritten in place
+can be digested half-written; write the new model beside it and rename it into place, so a poll sees
+either the old files or the new ones.
 """
 
 from __future__ import annotations

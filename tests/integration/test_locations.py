@@ -4,17 +4,20 @@ another registered model with the same version number (issue 14: it gets that mo
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import procs
 import pytest
 from mlflow_stores import log_linear, register, save_linear, tracking
 
-from conftest import Registry, Server, start_server, stop_server
+from conftest import Registry, Server, free_port, start_server, stop_server, wait_until_ready
 from service.registry import content_digest
 
 pytestmark = pytest.mark.integration
@@ -140,11 +143,25 @@ def test_a_directory_whose_files_change_is_reloaded_under_a_new_version(served: 
 def test_the_version_of_a_directory_is_the_same_after_a_restart(
     setup: Setup, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """Started once with ``FERRY_MODELS=again=PATH``, once with ``ferry serve --model again=PATH``."""
     versions = []
-    for _ in range(2):
-        server = start_server(setup.registry, f"again={setup.beta}", tmp_path_factory.mktemp("restart"))
-        try:
-            versions.append(predict(server, "again")[0])
-        finally:
-            stop_server(server)
+    server = start_server(setup.registry, f"again={setup.beta}", tmp_path_factory.mktemp("restart"))
+    try:
+        versions.append(predict(server, "again")[0])
+    finally:
+        stop_server(server)
+    workdir, port = tmp_path_factory.mktemp("restart"), free_port()
+    argv = [sys.executable, "-m", "service", "serve", "--port", str(port), "--model", f"again={setup.beta}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FERRY_", "MLFLOW_"))}
+    env |= setup.registry.env() | {
+        "FERRY_DOWNLOAD_DIR": str(workdir / "downloads"),
+        "FERRY_SHUTDOWN__GRACE_S": "0",
+    }
+    url = f"http://127.0.0.1:{port}"
+    server = procs.launch("ferry", argv, workdir / "ferry.log", url=url, env=env, cwd=workdir)
+    try:
+        wait_until_ready(server)
+        versions.append(predict(server, "again")[0])
+    finally:
+        stop_server(server)
     assert versions == [content_digest(setup.beta)] * 2
