@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="serve models over HTTP")
     serve.add_argument(
-        "--model", action="append", default=None, help="name=URI or URI; repeat (FERRY_MODELS)"
+        "--model",
+        action="append",
+        default=None,
+        help="name=URI or URI (models:/, runs:/, a model directory, an artifact URI); repeat (FERRY_MODELS)",
     )
     serve.add_argument("--host", help="address to listen on (FERRY_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (FERRY_PORT)")

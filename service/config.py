@@ -114,7 +114,8 @@ class Settings(BaseSettings):
 
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Models to serve: comma-separated ``name=URI`` or ``URI`` (``models:/n@alias``, ``models:/n/3``,
-    ``runs:/id/path``)."""
+    ``runs:/id/path``, an MLflow model directory as an absolute path or ``file://`` URI, or any artifact
+    URI MLflow downloads: ``s3://``, ``gs://``, ``https://``, ``mlflow-artifacts:/``)."""
     default_model: str | None = None
     """Model answering requests that name none (default: the first of ``models``)."""
     tracking_uri: str = Field(

@@ -77,7 +77,7 @@ class Reloader:
             log.info("registry answers again")
             self._registry_down = False
         active = slot.active
-        if active is not None and active.version == ref.version:
+        if active is not None and active.model.ref.source == ref.source:
             self._rejected.pop(slot.name, None)
             return "unchanged"
         rejected = self._rejected.get(slot.name)

@@ -24,7 +24,13 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 
 class LoadModel(BaseModel):
-    uri: Annotated[str, Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH")]
+    uri: Annotated[
+        str,
+        Field(
+            description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, an MLflow model directory "
+            "(absolute path or file://) or an artifact URI (s3://, gs://, https://, mlflow-artifacts:/)"
+        ),
+    ]
 
 
 @router.get("/models", summary="Every model, in any state")
