@@ -6,6 +6,10 @@ input carries ``parameters.binary_data_size``, in input order). Binary data is l
 row-major; ``BYTES`` elements are each a 4-byte little-endian length followed by the bytes; ``BOOL`` is
 one byte per element. Problems are ``InvalidInput`` (about one tensor: its name is in the message) or
 ``BadRequest`` (about the body); both are 400 in this protocol's error body.
+
+What is the protocol's own is here: a tensor's fields, the binary data's layout, and whether JSON ``data``
+fits the tensor's declared datatype. The checks themselves (kinds, integer ranges, float overflow) and
+the dtype table are ``service.signature``'s, which then checks each tensor against the model's signature.
 """
 
 from __future__ import annotations
@@ -19,34 +23,40 @@ import numpy as np
 
 from service.errors import BadRequest, InvalidInput
 from service.runtime.base import TensorSpec
-from service.signature import DecodedArray, check_array, check_finite
+from service.signature import (
+    DATATYPES,
+    DecodedArray,
+    Wording,
+    cast,
+    check_array,
+    check_kind,
+    datatype_of,
+    json_array,
+)
 
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-"""v2 datatype to numpy dtype (the byte order binary data arrives in)."""
+__all__ = [
+    "DATATYPES",
+    "datatype_of",
+    "decode_binary",
+    "decode_inputs",
+    "decode_json",
+    "encode_binary",
+    "encode_json",
+    "split_body",
+]
 
-_BY_DTYPE = {(dtype.kind, dtype.itemsize): name for name, dtype in DATATYPES.items() if name != "BYTES"}
-# Which numpy kinds JSON data may decode to for each declared kind (ints are valid floats, not the reverse).
-_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "fiu"}
+V2 = Wording(
+    label=datatype_of,
+    kind="input {name!r}: datatype {label} but 'data' holds {got}",
+    received={"U": "strings", "O": "null, out-of-range or mixed values"},
+    out_of_range="input {name!r}: a value is out of range for {label}",
+    too_large="input {name!r}: a value is too large for {label}",
+    int_overflow=True,
+)
+"""The words of a check of JSON ``data`` against the tensor's declared datatype (``check_array`` then
+checks the result against the signature, in Ferry's words)."""
+
 _U32 = struct.Struct("<I")
-
-
-def datatype_of(dtype: np.dtype[Any]) -> str:
-    """The v2 datatype of a numpy dtype (strings and objects are ``BYTES``)."""
-    return _BY_DTYPE.get((dtype.kind, dtype.itemsize), "BYTES")
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
@@ -103,9 +113,8 @@ def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview)
             raise InvalidInput(
                 f"input {name!r} has neither 'data' nor parameters.binary_data_size", input=name
             )
-        arrays[name] = check_array(spec, array)
-        if size is not None:  # JSON cannot carry NaN or infinity; refuse them in binary data alike
-            check_finite(spec, arrays[name])
+        # JSON cannot carry NaN or infinity; refuse them in binary data alike
+        arrays[name] = check_array(spec, array, finite=size is not None)
     if offset != len(binary):
         raise InvalidInput(
             f"the inputs' binary_data_size add up to {offset} bytes but {len(binary)} bytes of binary data "
@@ -119,13 +128,21 @@ def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview)
 
 def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
     """JSON ``data`` (flat row-major, or nested to ``shape``) to an array of ``datatype`` and ``shape``."""
+    dtype = DATATYPES[datatype]
+    numbers = False
     if isinstance(data, DecodedArray):  # numbers read straight to float64 (api/jsonbody.py)
-        data = data.values if DATATYPES[datatype].kind == "f" else data.original()
+        if dtype.kind == "f":  # narrowed to a new array below; float64 is copied (writable, its own)
+            data = data.values if dtype.itemsize < 8 else data.values.copy()
+        else:
+            data, numbers = data.original(), True
     if not isinstance(data, (list, np.ndarray)):
         raise InvalidInput(f"input {name!r}: 'data' must be a list, got {type(data).__name__}", input=name)
-    dtype, count = DATATYPES[datatype], math.prod(shape)
+    count = math.prod(shape)
     try:
-        array = np.array(data, dtype=object if datatype == "BYTES" else None)
+        if datatype == "BYTES":
+            array = np.array(data, dtype=object)
+        else:
+            array = data if isinstance(data, np.ndarray) else json_array(data, guard=not numbers)
     except ValueError:
         raise InvalidInput(f"input {name!r}: nested 'data' is ragged", input=name) from None
     if array.size != count:
@@ -142,22 +159,8 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         return array
     if count == 0:
         return array.astype(dtype)
-    if array.dtype.kind not in _JSON_KINDS[dtype.kind]:
-        got = {"U": "strings", "O": "null, out-of-range or mixed values"}.get(
-            array.dtype.kind, array.dtype.name
-        )
-        raise InvalidInput(f"input {name!r}: datatype {datatype} but 'data' holds {got}", input=name)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}", input=name)
-    elif dtype.kind == "f" and array.dtype.itemsize > dtype.itemsize:
-        with np.errstate(over="ignore"):
-            narrowed = array.astype(dtype)
-        if not np.isfinite(narrowed).all():
-            raise InvalidInput(f"input {name!r}: a value is too large for {datatype}", input=name)
-        return narrowed
-    return array.astype(dtype, copy=False)
+    check_kind(name, array, dtype, V2)
+    return cast(name, array, dtype, V2)
 
 
 def decode_binary(name: str, datatype: str, shape: list[int], blob: memoryview) -> np.ndarray:

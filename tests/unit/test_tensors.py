@@ -16,6 +16,7 @@ from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, ser
 from service.api import tensors
 from service.errors import BadRequest, InvalidInput
 from service.runtime.base import TensorSpec
+from service.signature import DecodedArray
 
 X = TensorSpec("input", np.dtype(np.float32), (-1, 4))
 IDS = TensorSpec("ids", np.dtype(np.int64), (-1,))
@@ -189,3 +190,36 @@ def test_encode_json_is_flat_row_major() -> None:
     assert tensors.encode_json(out.T).tolist() == [0, 3, 1, 4, 2, 5]
     assert tensors.encode_json(np.array([[b"a"], [b"\xff"]], dtype=object)) == ["a", "\ufffd"]
     assert struct.unpack("<I", tensors.encode_binary(np.array(["ab"], dtype=object))[:4]) == (2,)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        # The declared datatype's own words (the same checks as the signature's, in this protocol's words)
+        ("FP32", ["a", 1], "input 'input': datatype FP32 but 'data' holds strings"),
+        (
+            "FP32",
+            [None, 1],
+            "input 'input': datatype FP32 but 'data' holds null, out-of-range or mixed values",
+        ),
+        ("INT8", [300], "input 'input': a value is out of range for INT8"),
+        ("FP16", [1e6], "input 'input': a value is too large for FP16"),
+        ("FP16", [70000], "input 'input': a value is too large for FP16"),  # integers too, here
+    ],
+)
+def test_declared_datatype_words(datatype: str, data: list[Any], message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        tensors.decode_json("input", datatype, [len(data)], data)
+    assert (info.value.message, info.value.details) == (message, {"input": "input"})
+
+
+@pytest.mark.parametrize(
+    ("datatype", "dtype"), [("FP32", np.float32), ("FP64", np.float64), ("FP16", np.float16)]
+)
+def test_decoded_floats_become_arrays_of_their_own(datatype: str, dtype: type) -> None:
+    values = np.arange(8, dtype=np.float64).reshape(2, 4)
+    values.flags.writeable = False  # as simdjson's buffer may be
+    data = DecodedArray(values, lambda: values.tolist())
+    array = tensors.decode_json("x", datatype, [2, 4], data)
+    assert array.dtype == dtype and array.flags.writeable and not np.shares_memory(array, values)
+    assert array.tolist() == values.tolist()
