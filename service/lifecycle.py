@@ -258,8 +258,19 @@ class ModelSet:
             await self._retire(slot.active)
 
     async def _retire(self, old: ActiveVersion) -> None:
-        """Drain an old version's queued requests, free it, and drop its per-version gauges."""
+        """Drain an old version's queued requests, free it, drop its per-version gauges, and delete its
+        downloaded files unless another served model answers from the same source."""
         await old.close()
+        ref = old.model.ref
+        if not any(
+            s.active is not None and s.active.model.ref.source == ref.source for s in self._slots.values()
+        ):
+            try:
+                await asyncio.to_thread(self._registry.discard, ref)
+            except Exception:
+                log.exception(
+                    "model %s v%s: could not delete its downloaded files", old.model.name, ref.version
+                )
         name, version = old.model.name, old.version
         with contextlib.suppress(KeyError):
             self._metrics.model_info.remove(*old.info_labels)

@@ -417,6 +417,12 @@ class ModelRegistry:
         ``download_dir`` / ``models/NAME/VERSION``, ``runs/RUN/PATH`` or ``content/<digest>``."""
         return Path(ref.path) if ref.path is not None else self._download_dir / _location(ref.source)
 
+    def discard(self, ref: ModelRef) -> None:
+        """Delete the downloaded copy of ``ref``'s files (a retired version's), so alias moves of a large
+        model do not fill the disk. A local model's own directory is never touched."""
+        if ref.path is None:
+            shutil.rmtree(self.local_copy(ref), ignore_errors=True)
+
     def _local_copy(self, name: str, ref: ModelRef) -> Path:
         import mlflow
 

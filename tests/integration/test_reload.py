@@ -168,6 +168,9 @@ def test_good_version_swaps_in_under_load_then_broken_ones_are_rejected(
     assert httpx.get(f"{following.url}/health/ready").status_code == 200
     log = following.log()
     assert "now serves v2 (was v1)" in log and "rejected" in log and "v2 keeps serving" in log
+    downloads = following.log_path.parent / "downloads" / "models" / "follow"
+    assert (downloads / "2" / "MLmodel").is_file()
+    assert not (downloads / "1").exists(), "the retired version's files were kept"
 
 
 def test_a_fixed_version_is_picked_up_when_the_alias_moves_again(

@@ -54,6 +54,7 @@ class FakeRegistry:
         self.loads: list[tuple[str, str]] = []
         self.runtimes: dict[str, Doubler] = {}
         self.fail_with: Exception | None = None
+        self.discarded: list[str] = []
 
     def resolve(self, uri: str) -> ModelRef:
         source = f"{uri.partition('@')[0]}/{self.version}"  # models:/NAME/VERSION, as the real one
@@ -71,3 +72,6 @@ class FakeRegistry:
 
     def device(self) -> str:
         return "cpu"
+
+    def discard(self, ref: ModelRef) -> None:
+        self.discarded.append(ref.source)

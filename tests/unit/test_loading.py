@@ -149,3 +149,20 @@ def test_a_load_failure_that_ferry_does_not_know_becomes_a_model_load_error() ->
     assert service.find("m").state == "stopped"
     failures = [s for s in metrics.load_failures.collect()[0].samples if s.name.endswith("_total")]
     assert [(s.labels["stage"], s.value) for s in failures] == [("load", 1.0)]
+
+
+@pytest.mark.asyncio
+async def test_a_retired_version_s_files_are_deleted_unless_another_model_serves_them() -> None:
+    registry = FakeRegistry()
+    service, _ = service_of(registry, "m", "twin")  # both models:/…@champion of their own names
+    await service.start()
+    await service.load("m")  # the same version again: its files still serve
+    assert registry.discarded == []
+    registry.version = "2"
+    await service.load("m")
+    assert registry.discarded == ["models:/m/1"]
+    await service.add("twin", "models:/m@champion")  # twin now serves models:/m/2 too
+    assert registry.discarded == ["models:/m/1", "models:/twin/1"]
+    await service.remove("m")
+    assert registry.discarded == ["models:/m/1", "models:/twin/1"], "twin still serves models:/m/2"
+    await service.close()
