@@ -227,12 +227,23 @@ def _datatype(name: str, value: Any) -> str:
     return str(value)
 
 
+MAX_RANK = 32
+"""Most axes a tensor may declare (numpy's own limit is 64; no served signature comes near either)."""
+MAX_DIM = 2**31 - 1
+"""Largest size of one axis: beyond it a declared shape cannot describe data that fits a request."""
+
+
 def _shape(name: str, value: Any) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
         raise InvalidInput(
             f"input {name!r}: shape must be a list of non-negative integers, got {value!r}", input=name
+        )
+    if len(value) > MAX_RANK or any(d > MAX_DIM for d in value):
+        raise InvalidInput(
+            f"input {name!r}: shape {value!r} has more than {MAX_RANK} axes or an axis above {MAX_DIM}",
+            input=name,
         )
     return value
 

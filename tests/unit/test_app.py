@@ -235,3 +235,22 @@ async def test_the_admin_token_is_checked_before_any_of_the_body_is_read() -> No
         status = await asgi_call(app, "PUT", "/admin/models/x", body, [("content-length", "29")])
     assert status == 401
     assert reads == [], "the body was read before the token was checked"
+
+
+@pytest.mark.parametrize(
+    "shape", [[1] * 65, [0, 2**62], [2**40, 0]], ids=["65 axes", "0 x 2**62", "2**40 x 0"]
+)
+async def test_absurd_v2_shapes_are_400_naming_the_input(served: App, shape: list[int]) -> None:
+    data = [0.0] * (1 if all(shape) else 0)  # as many values as the shape holds (1 or none)
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]}
+    r = await served.client.post("/v2/models/m/infer", json=body)
+    assert r.status_code == 400 and "'x'" in r.json()["error"], r.text
+    header = (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": %s, "parameters": {"binary_data_size": 0}}]}'
+    )
+    content = header % str(shape).encode()
+    r = await served.client.post(
+        "/v2/models/m/infer", content=content, headers={"inference-header-content-length": str(len(content))}
+    )
+    assert r.status_code == 400 and "'x'" in r.json()["error"], r.text
+    assert served.sample("http_requests_total", status="500") == 0
