@@ -347,3 +347,18 @@ def test_smoke_script_fails_when_never_ready(stub_ferry: Callable[[Handler], str
 def test_deploy_scripts_exist() -> None:
     for path in (DEPLOY / "smoke.py", DEPLOY / "smoke-env.sh"):
         assert path.exists() and path.stat().st_mode & 0o111, f"{path.relative_to(ROOT)} must be executable"
+
+
+def test_the_perf_baseline_comes_from_a_push_to_main_only() -> None:
+    """A pull request's run on a branch named main (from a fork) or a manual run must not become the
+    baseline the next change is compared with."""
+    steps = [
+        step
+        for job in load_yaml(WORKFLOWS["ci.yml"])["jobs"].values()
+        for step in job.get("steps", [])
+        if "gh run list" in step.get("run", "")
+    ]
+    assert steps, "no baseline lookup in ci.yml"
+    for step in steps:
+        lookup = next(line for line in step["run"].splitlines() if "gh run list" in line)
+        assert "--branch main" in lookup and "--event push" in lookup and "--status success" in lookup
