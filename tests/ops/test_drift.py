@@ -427,3 +427,16 @@ def test_docs_commands_exist(doc: Path) -> None:
         assert command in commands, f"{doc.name}: `ferry {command}` is not a ferry command ({commands})"
     for path in re.findall(r"(?<![\w/.-])((?:docker|deploy|scripts|monitoring|\.github)/[\w./-]+\w)", code):
         assert (ROOT / path).exists() or "<" in path, f"{doc.name}: {path} does not exist"
+
+
+def test_compose_publishes_on_loopback_only_and_keeps_grafana_s_password_out_of_the_file() -> None:
+    """The local stack is for this machine: no port on every interface, no known admin password."""
+    services = _compose()["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"compose {name} publishes {port} beyond loopback"
+    grafana = _compose_environment(services["grafana"])
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert "grafana_admin_password" in services["grafana"]["secrets"]
+    assert ":?" in _compose()["secrets"]["grafana_admin_password"]["file"], "no default password file"
