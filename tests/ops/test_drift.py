@@ -220,7 +220,8 @@ def test_the_port_is_the_same_everywhere() -> None:
         assert cmd is not None and json_form(cmd.value) == SERVE_CMD
         assert [i.value for i in df.stages[-1].all("EXPOSE")] == [str(PORT)]
     for env in OVERLAYS:
-        assert [p["containerPort"] for p in container(env)["ports"]] == [PORT]
+        ports = {p["name"]: p["containerPort"] for p in container(env)["ports"]}
+        assert ports["http"] == PORT and set(ports) <= {"http", "metrics"}, ports
     for name, service in _ferry_services().items():
         for mapping in service.get("ports", []):
             assert str(mapping).rsplit(":", 1)[-1] == str(PORT), f"compose {name}: {mapping}"

@@ -123,11 +123,35 @@ def test_probes_reach_the_port_that_serves_health(env: str, monkeypatch: pytest.
 
 
 def test_health_port_check_sees_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With FERRY_METRICS_PORT the health routes leave the main port: probes on `http` would fail."""
-    settings = _settings("staging", monkeypatch).model_copy(update={"metrics_port": 9100})
-    problems = _health_port_problems("staging", settings)
-    assert any("startupProbe on port http" in p for p in problems), problems
-    assert any("ServiceMonitor scrapes port http" in p for p in problems), problems
+    """The manifests set FERRY_METRICS_PORT and probe and scrape port `metrics`: without the setting the
+    health routes stay on the main port, and the check must see the probes and the scrape miss them."""
+    settings = _settings("staging", monkeypatch)
+    assert settings.metrics_port == 9100
+    problems = _health_port_problems("staging", settings.model_copy(update={"metrics_port": None}))
+    assert any("startupProbe on port metrics" in p for p in problems), problems
+    assert any("ServiceMonitor scrapes port metrics" in p for p in problems), problems
+
+
+def test_the_network_policy_opens_inference_to_the_cluster_and_metrics_to_monitoring_only() -> None:
+    for env in ENVIRONMENTS:
+        policy = one(env, "NetworkPolicy")["spec"]
+        pods = one(env, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert all(pods.get(k) == v for k, v in policy["podSelector"]["matchLabels"].items())
+        assert policy["policyTypes"] == ["Ingress"]
+        by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+        assert set(by_port) == {"http", "metrics"}
+        assert by_port["metrics"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ]
+        names = {p["name"] for p in container(env)["ports"]}
+        assert names == {"http", "metrics"}
+
+
+def test_inference_needs_an_api_key_from_the_secret() -> None:
+    for env in ENVIRONMENTS:
+        variables = {e["name"]: e for e in container(env).get("env", [])}
+        ref = variables["FERRY_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "ferry-secrets" and ref["key"] == "api-keys" and not ref.get("optional")
 
 
 @pytest.mark.parametrize("doc", [README, DELIVERY_DOC], ids=lambda p: p.name)
