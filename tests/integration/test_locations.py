@@ -121,8 +121,8 @@ def test_a_name_re_pointed_at_another_model_with_the_same_version_gets_its_files
     assert r.status_code == 200, r.text
     assert predict(served, "pointed") == ("1", [[7.0] * 3])  # second v1: weight 6, not first's files
     downloads = served.log_path.parent / "downloads" / "models"
-    assert (downloads / "first" / "1" / "MLmodel").is_file()
     assert (downloads / "second" / "1" / "MLmodel").is_file()
+    assert not (downloads / "first" / "1").exists(), "the retired version's copy was kept"
 
 
 def test_a_directory_whose_files_change_is_reloaded_under_a_new_version(served: Server, setup: Setup) -> None:
