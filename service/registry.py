@@ -211,6 +211,10 @@ class ModelRegistry:
         # in seconds, so the reloader reports it and tries again at its next poll. Explicit settings win.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        # MLflow 3 deserializes pickle (and skops, cloudpickled pyfunc models, pickled PyTorch) unless
+        # told not to: whoever can move an alias would run code in every replica. Refused unless the
+        # operator sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (README, Security).
+        os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
         mlflow.set_tracking_uri(settings.tracking_uri)
         if settings.registry_uri:
             mlflow.set_registry_uri(settings.registry_uri)

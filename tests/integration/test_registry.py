@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,29 @@ def test_unreachable_registry_fails_fast_and_says_so(tmp_path: Path) -> None:
     )
     with pytest.raises(RegistryUnavailable, match="did not answer"):
         models.resolve("models:/linear@champion")
+
+
+@pytest.mark.parametrize("allowed", [None, "true"])
+def test_pickle_is_refused_unless_the_operator_allows_it(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allowed: str | None
+) -> None:
+    import mlflow
+
+    from conftest import linear_module
+    from service.errors import ModelLoadError
+
+    path = tmp_path / "pickled"
+    mlflow.pytorch.save_model(linear_module(), str(path), serialization_format="pickle", input_example=X)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "recorded")  # restored (unset) after the test
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    if allowed is not None:
+        monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", allowed)
+    models = ModelRegistry(Settings(tracking_uri=registry.tracking_uri, download_dir=str(tmp_path / "d")))
+    ref = models.resolve(str(path))
+    if allowed is None:
+        assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"  # Ferry's default, not MLflow's
+        with pytest.raises(ModelLoadError, match="MLFLOW_ALLOW_PICKLE_DESERIALIZATION"):
+            models.load("pickled", ref)
+    else:
+        loaded = models.load("pickled", ref)
+        assert loaded.runtime.predict_batch({loaded.inputs[0].name: X})
