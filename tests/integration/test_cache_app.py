@@ -62,7 +62,8 @@ def predict(server: Server, row: list[float], **headers: str) -> httpx.Response:
 
 
 def redis_key(row: list[float]) -> bytes:
-    key = cache_key("linear", "1", {"input": np.array([row], dtype=np.float32)}, None)
+    # The key names the model's source, the registered model and version (pipeline.py).
+    key = cache_key("linear", "models:/linear/1", {"input": np.array([row], dtype=np.float32)}, None)
     return (PREFIX + key.hex()).encode()
 
 

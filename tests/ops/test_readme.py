@@ -293,9 +293,12 @@ def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
     mlflow.set_tracking_uri(registry.tracking_uri)
     with mlflow.start_run():
         _register("readme-follow", log_torch(linear_module(2.0), EXAMPLE), alias="champion")
+    broken = workdir / "broken-model"  # resolves (a directory), then fails to load: stage="load"
+    mlflow.pytorch.save_model(linear_module(), str(broken), serialization_format="pt2", input_example=EXAMPLE)
+    (broken / "data" / "model.pt2").write_bytes(b"not a torch archive")
     models = (
         "linear=models:/linear@champion,follow=models:/readme-follow@champion,"
-        "ghost=models:/readme-ghost@champion,broken=runs:/0123456789abcdef0123456789abcdef/model"
+        f"ghost=models:/readme-ghost@champion,broken={broken}"
     )
     server = start_server(
         registry,
