@@ -225,7 +225,7 @@ def _convert(name: str, array: np.ndarray, dtype: np.dtype[Any], wording: Wordin
             return converted
     elif kind in "iu" and source.kind in "iu":
         info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
+        if array.size and (array.min() < info.min or array.max() > info.max):  # empty: nothing to check
             message = wording.out_of_range.format(
                 name=name, label=wording.label(dtype), min=info.min, max=info.max
             )

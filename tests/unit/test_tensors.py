@@ -223,3 +223,20 @@ def test_decoded_floats_become_arrays_of_their_own(datatype: str, dtype: type) -
     array = tensors.decode_json("x", datatype, [2, 4], data)
     assert array.dtype == dtype and array.flags.writeable and not np.shares_memory(array, values)
     assert array.tolist() == values.tolist()
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "UINT64"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint8])
+def test_an_empty_integer_tensor_narrowed_to_the_model_s_type_is_no_server_error(
+    datatype: str, dtype: type
+) -> None:
+    """A [1, 0] tensor had numpy reduce an empty array (min/max) while checking the range: a 500."""
+    from service.runtime.base import TensorSpec
+
+    spec = [TensorSpec("x", np.dtype(dtype), (-1, -1))]
+    for body, blob in (
+        ([{"name": "x", "datatype": datatype, "shape": [1, 0], "data": []}], b""),
+        ([{"name": "x", "datatype": datatype, "shape": [1, 0], "parameters": {"binary_data_size": 0}}], b""),
+    ):
+        arrays = tensors.decode_inputs(spec, body, memoryview(blob))
+        assert arrays["x"].shape == (1, 0) and arrays["x"].dtype == np.dtype(dtype)
