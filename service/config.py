@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_TRACKING_URI = "sqlite:///.ferry/mlflow.db"
@@ -72,17 +72,46 @@ class CacheSettings(BaseModel):
     """Time the breaker stays open before one probe call (seconds)."""
     key_prefix: str = "ferry:v1:"
     """Prefix of every Redis key (lets several deployments share one Redis)."""
+    redis_secret: SecretStr | None = None
+    """Key of the MAC (HMAC-SHA256) every value written to Redis carries and every value read must
+    verify under (at least 16 characters, the same on every replica); unset: values are not
+    authenticated and start-up warns."""
+    redis_secret_file: str | None = None
+    """A file holding ``redis_secret`` (a mounted Kubernetes Secret; one trailing newline is dropped)."""
     models: dict[str, ModelCacheSettings] = Field(default_factory=dict)
     """Per-model overrides, JSON: ``{"image-cnn": {"ttl_s": 60}, "fraud": {"enabled": false}}``."""
 
+    @model_validator(mode="after")
+    def _one_secret(self) -> CacheSettings:
+        if self.redis_secret is not None and self.redis_secret_file is not None:
+            raise ValueError("set redis_secret or redis_secret_file, not both")
+        if self.redis_secret is not None and len(self.redis_secret.get_secret_value()) < 16:
+            raise ValueError("redis_secret must be at least 16 characters (e.g. openssl rand -hex 32)")
+        return self
+
 
 class LimitSettings(BaseModel):
-    """Bounds on what one request may ask for."""
+    """Bounds on what one request, one connection and all requests together may ask for."""
 
     max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024
     """Largest request body (bytes); larger ones get 413 before their body is read."""
     max_rows: Annotated[int, Field(gt=0)] = 65_536
     """Most rows in one request; more get 413."""
+    max_concurrency: Annotated[int, Field(ge=0)] = 256
+    """Most requests in flight at once, probes and ``/metrics`` not counted; beyond it 503 with
+    Retry-After before the body is read (0: no cap). Bodies in memory are at most this times
+    ``max_body_bytes``."""
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    """Time to send a request's line and headers, from the connection's opening or the request's first
+    byte (seconds); then the connection is closed, with a 408 when part of a request arrived."""
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Time for a request's whole body to arrive, from the first read after its headers (seconds); then
+    408 and the connection is closed."""
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    """Largest request line plus headers (bytes); a larger one gets 431 and the connection is closed."""
+    keep_alive_s: Annotated[float, Field(gt=0)] = 5.0
+    """Time an idle keep-alive connection stays open between requests (seconds); keep it above the idle
+    timeout of a load balancer in front."""
 
 
 class ReloadSettings(BaseModel):

@@ -41,6 +41,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 clients cannot create label values (and series) at will."""
 STAGES = ("queue", "compute", "total")
 REJECT_REASONS = ("overload", "timeout", "invalid_input", "client_gone")
+HTTP_REJECT_REASONS = ("concurrency", "header_timeout", "header_size", "body_timeout")
+"""Why the HTTP layer refused a request before any model saw it (``ferry_http_rejected_total``)."""
 
 
 class Metrics:
@@ -129,6 +131,18 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.http_rejected = Counter(
+            "ferry_http_rejected_total",
+            "Requests refused at the HTTP layer, by reason: concurrency (more than "
+            "FERRY_LIMITS__MAX_CONCURRENCY in flight: 503), header_timeout (headers incomplete after "
+            "FERRY_LIMITS__HEADER_TIMEOUT_S: 408 and closed), header_size (headers above "
+            "FERRY_LIMITS__MAX_HEADER_BYTES: 431), body_timeout (body incomplete after "
+            "FERRY_LIMITS__BODY_TIMEOUT_S: 408).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HTTP_REJECT_REASONS:  # exported at 0 from the start, so rates see the first one
+            self.http_rejected.labels(reason)
         self.failures = Counter(
             "ferry_inference_failures_total",
             "Model calls that raised; every request of the batch got a 500.",
@@ -192,6 +206,12 @@ class Metrics:
             "Cache operations that failed open (timeout, connection error, corrupt value), by tier and "
             "operation (get, set).",
             ["tier", "operation"],
+            registry=r,
+        )
+        self.cache_unauthenticated = Counter(
+            "ferry_cache_unauthenticated_total",
+            "Redis values refused because their MAC did not verify under FERRY_CACHE__REDIS_SECRET: "
+            "forged, written under another secret or without one. Each is a miss.",
             registry=r,
         )
         self.cache_redis_duration = Histogram(
