@@ -1,4 +1,5 @@
-"""``ferry``: ``serve``, ``register-demo``. ``python -m service`` is the same program."""
+"""``ferry``: ``serve``, ``register-demo``, ``bench``, ``fetch-model``. ``python -m service`` is the same
+program."""
 
 from __future__ import annotations
 
@@ -51,9 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--loadtests-dir", default="loadtests", help="folder holding bench.py")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench.py (see --help)")
 
+    fetch = commands.add_parser(
+        "fetch-model",
+        help="download registered models into folders (KServe storage initializer: SRC DEST [SRC DEST ...])",
+    )
+    fetch.add_argument(
+        "pairs", nargs="+", metavar="SRC DEST", help="models:/NAME@ALIAS, models:/NAME/N or runs:/"
+    )
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "fetch-model":
+        return _fetch_model(args.pairs)
     if args.command == "bench":
         return int(_run_script(Path(args.loadtests_dir) / "bench.py", "main", args.bench_args) or 0)
     logs.configure("info", os.environ.get("FERRY_LOG_FORMAT", "text"))
@@ -98,6 +109,65 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(_serve_with_ops(server, app, settings))
     return 0 if server.started else 1
+
+
+def _fetch_model(pairs: list[str]) -> int:
+    """KServe's storage initializer contract: arguments in (source URI, destination folder) pairs. Each
+    source is resolved to one version in the registry (``MLFLOW_TRACKING_URI``) and its files land
+    directly in the folder, which must be empty or hold that same version already (an init container
+    run again). Files arrive in a staging folder first: a failed download leaves nothing that looks
+    like a model."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from service.config import Settings
+    from service.errors import FerryError
+    from service.registry import ModelRegistry
+
+    logs.configure("info", os.environ.get("FERRY_LOG_FORMAT", "text"))
+    if len(pairs) % 2:
+        print("ferry fetch-model: give SRC DEST pairs", file=sys.stderr)
+        return 2
+    registry = ModelRegistry(Settings())
+    for src, dest in zip(pairs[::2], pairs[1::2], strict=True):
+        if not src.startswith(("models:/", "runs:/")):
+            print(f"ferry fetch-model: {src!r} is not a models:/ or runs:/ URI", file=sys.stderr)
+            return 2
+        target, staging = Path(dest), None
+        try:
+            ref = registry.resolve(src)
+            meta = target / "registered_model_meta"  # MLflow writes it beside a registered model's files
+            if (target / "MLmodel").is_file() and meta.is_file():
+                lines = (line.partition(":") for line in meta.read_text().splitlines())
+                held = {key.strip(): value.strip().strip("'\"") for key, _, value in lines}
+                name, version = held.get("model_name"), held.get("model_version")
+                if f"models:/{name}/{version}" == ref.source:
+                    print(f"{dest} already holds {ref.source}")
+                    continue
+            target.mkdir(parents=True, exist_ok=True)
+            for leftover in target.glob(".ferry-fetch-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if any(target.iterdir()):
+                raise FerryError(f"{dest} is not empty")
+            staging = Path(tempfile.mkdtemp(prefix=".ferry-fetch-", dir=target))
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=ref.download_uri, dst_path=str(staging))
+            except Exception as exc:
+                raise FerryError(f"download of {ref.download_uri} failed: {exc}") from exc
+            if not (staging / "MLmodel").is_file():
+                raise FerryError(f"{ref.download_uri} holds no MLmodel file")
+            for entry in staging.iterdir():
+                entry.rename(target / entry.name)
+        except FerryError as exc:
+            print(f"ferry fetch-model: {src}: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        print(f"fetched {src} (version {ref.version}, {ref.source}) into {dest}")
+    return 0
 
 
 def exposure_warning(settings: Settings) -> str | None:
