@@ -5,8 +5,9 @@ idle a request runs at once; while a batch computes, new requests queue, and the
 them up to ``max_rows`` rows (optionally waiting ``max_wait_s`` for more). The worker takes its next
 batch itself the moment the model is free, so the model never waits for the event loop (which may be
 busy parsing a large body); the only hop back is one ``call_soon_threadsafe`` per batch that hands the
-results to the loop. Results are split back by row counts. Only requests with equal parameters share a
-batch (a model call takes one set). A failing batch fails only its own requests. A request with more
+results to the loop. Results are split back by row counts. Only requests with equal parameters and the same
+inputs share a batch (a model call takes one set; a table may leave out an optional column). A failing
+batch of several requests runs each alone, so only the requests at fault fail. A request with more
 rows than ``max_rows`` runs alone. A request that gives up (deadline, cancellation) leaves the queue at
 once; one whose ``gone`` probe says nobody waits any more (its client hung up) is dropped when the worker
 reaches it, so queued work of departed clients never reaches the model. The batcher knows no models, no
@@ -234,7 +235,11 @@ class Batcher:
                 self._rows -= head.rows
                 dropped.append(head)
                 continue
-            if batch and (rows + head.rows > self._max_rows or head.params != batch[0].params):
+            if batch and (
+                rows + head.rows > self._max_rows
+                or head.params != batch[0].params
+                or head.inputs.keys() != batch[0].inputs.keys()  # a table without an optional column
+            ):
                 break
             queue.popleft()
             self._rows -= head.rows
@@ -245,6 +250,20 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[_Pending]) -> None:
+        outcome = self._call(batch)
+        if isinstance(outcome, Exception) and len(batch) > 1 and not _shared(outcome):
+            # One request's input can fail a whole batch (a model that checks its input itself, or
+            # raises on a value it cannot take): each request runs alone, so only the ones at fault fail.
+            log.warning("a batch of %d requests failed (%r); running each alone", len(batch), outcome)
+            with self._lock:
+                self._inflight += len(batch) - 1  # each request is delivered (or failed) on its own
+            for p in batch:
+                self._finish([p], self._call([p]) if not p.future.done() else outcome)
+            return
+        self._finish(batch, outcome)
+
+    def _call(self, batch: list[_Pending]) -> tuple[dict[str, np.ndarray], float, float] | Exception:
+        """The model's outputs for a batch with when it started and how long it took, or its error."""
         rows = sum(p.rows for p in batch)
         start = time.perf_counter()
         try:
@@ -257,11 +276,19 @@ class Batcher:
                         f"model output {name!r} has shape {value.shape}, expected {rows} rows"
                     )
         except Exception as exc:
-            self._to_loop(self._fail, batch, exc)
+            return exc
+        return outputs, start, compute_s
+
+    def _finish(
+        self, batch: list[_Pending], outcome: tuple[dict[str, np.ndarray], float, float] | Exception
+    ) -> None:
+        if isinstance(outcome, Exception):
+            self._to_loop(self._fail, batch, outcome)
             return
+        outputs, start, compute_s = outcome
         self.batches += 1
         if self._observer:
-            self._observer.batch(rows, compute_s)
+            self._observer.batch(sum(p.rows for p in batch), compute_s)
         self._to_loop(self._deliver, batch, outputs, start, compute_s)
 
     def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
@@ -304,6 +331,11 @@ class Batcher:
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(error)
+
+
+def _shared(exc: Exception) -> bool:
+    """Whether an error is every request's in the batch: the parameters they all sent."""
+    return isinstance(exc, InvalidInput) and exc.details.get("field") == "params"
 
 
 def _concat(parts: list[Arrays]) -> dict[str, np.ndarray]:

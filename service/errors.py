@@ -58,6 +58,13 @@ class InvalidInput(FerryError):
     code = "invalid_input"
 
 
+class ModelRejected(InvalidInput):
+    """The model itself refused a request's input (a pyfunc model raised on it, run alone): the
+    client's error, answered 422 with the model's message, as ``mlflow models serve`` answers 400."""
+
+    code = "model_rejected"
+
+
 class ModelNotFound(FerryError):
     status = HTTPStatus.NOT_FOUND
     code = "model_not_found"

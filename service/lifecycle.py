@@ -22,6 +22,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.cache import SingleFlight
+from service.columns import is_table
 from service.config import Settings
 from service.errors import (
     ConfigurationError,
@@ -319,11 +320,20 @@ class ModelSet:
         """Run the logged input example (or zeros of the signature's shape) and check the outputs."""
         if not self._settings.warmup:
             return
-        example = model.input_example or {
-            s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in model.inputs
-        }
+        example = model.input_example
+        if example is None and (is_table(model.inputs) or not model.inputs):
+            # No zeros stand in for a table's strings or a model without a signature: it is checked
+            # by its first request instead.
+            log.warning("model %s v%s has no input example: warm-up skipped", name, model.ref.version)
+            return
+        if example is None:
+            example = {
+                s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype)
+                for s in model.inputs
+            }
         try:
-            example = {s.name: np.ascontiguousarray(example[s.name], dtype=s.dtype) for s in model.inputs}
+            if not is_table(model.inputs) and model.inputs:  # a table's example is decoded already
+                example = {s.name: np.ascontiguousarray(example[s.name], dtype=s.dtype) for s in model.inputs}
             rows = int(next(iter(example.values())).shape[0])
             result = await batcher.submit(example, rows, max(self._settings.batch.timeout_ms / 1000, 60.0))
         except FerryError as exc:

@@ -25,6 +25,7 @@ from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overlo
 from service.lifecycle import ActiveVersion, ModelSet
 from service.metrics import ModelMetrics
 from service.registry import LoadedModel
+from service.runtime.base import TENSORS, OutputForm
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,9 @@ class Answer:
     off for the model, or the request asked for no caching)."""
     metrics: ModelMetrics
     extra: Any = None
+    form: OutputForm = TENSORS
+    """What kind of value the model returned (a pyfunc model's DataFrame, Series, dict...), for the
+    protocols that render each kind their own way (MLflow's records)."""
 
 
 class Pipeline:
@@ -144,6 +148,7 @@ class Pipeline:
             ttl,
             active.metrics,
             decoded.extra,
+            getattr(model.runtime, "output_form", TENSORS),
         )
 
     async def _compute(

@@ -45,8 +45,15 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from service.columns import DTYPES, POSITIONAL, column_spec, decode_inputs, is_table
 from service.config import Settings
-from service.errors import ConfigurationError, ModelLoadError, ModelNotFound, RegistryUnavailable
+from service.errors import (
+    ConfigurationError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    RegistryUnavailable,
+)
 from service.runtime.base import Runtime, TensorSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -396,10 +403,17 @@ class ModelRegistry:
             raise
         except Exception as exc:
             raise ModelLoadError(f"model {name} v{ref.version} failed to load: {exc}") from exc
-        if not signature_inputs:
+        if not signature_inputs and flavor != "pyfunc":
             raise ModelLoadError(
                 f"model {name} v{ref.version} has no signature: log it with a signature "
                 "(mlflow.models.infer_signature) so Ferry can validate inputs"
+            )
+        if not signature_inputs:
+            log.warning(
+                "model %s v%s has no signature: requests reach it unchecked, and what it refuses is "
+                "answered 422 (log it with mlflow.models.infer_signature to have Ferry check inputs)",
+                name,
+                ref.version,
             )
         return LoadedModel(
             name=name,
@@ -485,7 +499,7 @@ class ModelRegistry:
 
         model = mlflow.pyfunc.load_model(str(local))
         out = outputs[0].name if outputs else "output"
-        return PyfuncRuntime(model.predict, [s.name for s in inputs], out)
+        return PyfuncRuntime(model.predict, [s.name for s in inputs], out, table=is_table(inputs))
 
 
 def _location(source: str) -> Path:
@@ -575,7 +589,8 @@ def _cause(exc: BaseException) -> str:
 
 
 def _specs(schema: Any, default_name: str) -> list[TensorSpec]:
-    """MLflow TensorSpec schema to Ferry specs (column schemas become one 2-D input)."""
+    """An MLflow schema as Ferry specs: a tensor schema's tensors; a column schema's columns (one 1-D
+    spec per column, ``service.columns``), or one 2-D input when its columns have no names."""
     if schema is None or len(schema.inputs) == 0:
         return []
     if schema.is_tensor_spec():
@@ -584,16 +599,41 @@ def _specs(schema: Any, default_name: str) -> list[TensorSpec]:
             name = spec.name or (default_name if len(schema.inputs) == 1 else f"{default_name}_{i}")
             specs.append(TensorSpec(name, np.dtype(spec.type), tuple(int(d) for d in spec.shape)))
         return specs
+    if all(col.name for col in schema.inputs):
+        return [column_spec(col.name, _column_type(col.type), col.required) for col in schema.inputs]
+    if len(schema.inputs) == 1:
+        return [column_spec(default_name, _column_type(schema.inputs[0].type))]
     dtypes = {np.dtype(col.type.to_numpy()) for col in schema.inputs}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float64)
     return [TensorSpec(default_name, dtype, (-1, len(schema.inputs)))]
 
 
+def _column_type(kind: Any) -> str:
+    """MLflow's name of a column type: ``double``, ``string``, ... (a ``DataType``), else ``array``,
+    ``object``, ``map`` or ``any``."""
+    name = getattr(kind, "name", None)
+    if isinstance(name, str) and name in DTYPES:
+        return name
+    return type(kind).__name__.lower().removesuffix("type") or "any"
+
+
 def _example(example: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarray] | None:
+    """The logged input example as arrays for the warm-up; ``None`` when there is none (or it does not
+    fit the signature: the warm-up then uses zeros, or is skipped for a table)."""
     if example is None:
         return None
+    if hasattr(example, "columns") and hasattr(example, "to_numpy"):  # a pandas DataFrame
+        if not inputs or is_table(inputs):
+            table = {str(c): example[c].to_numpy() for c in example.columns}
+            try:
+                arrays, _ = decode_inputs(inputs, table, unknown="ignore") if inputs else (table, 0)
+            except InvalidInput as exc:
+                log.warning("the input example does not match the signature (%s): not used", exc.message)
+                return None
+            return arrays
+        example = example.to_numpy()
     if isinstance(example, Mapping):
         return {str(k): np.asarray(v) for k, v in example.items()}
-    if hasattr(example, "to_numpy"):
-        example = example.to_numpy()
+    if not inputs:
+        return {POSITIONAL: np.asarray(example)}
     return {inputs[0].name: np.asarray(example, dtype=inputs[0].dtype)}

@@ -107,17 +107,18 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def decode_inputs(specs: Sequence[TensorSpec], raw: Any) -> tuple[dict[str, np.ndarray], int]:
-    """Map ``inputs`` (a nested list for one input, or ``{name: nested list}``) to arrays.
+    """Map ``inputs`` (a nested list for one input, or ``{name: nested list}``) to arrays of a tensor
+    signature (``service.columns.decode_inputs`` takes every signature: tables, and none).
 
     Returns the arrays in signature order and their shared row count.
     """
     if isinstance(raw, Mapping):
         names = {s.name for s in specs}
-        unknown = sorted(set(raw) - names)
-        if unknown:
+        extra = sorted(set(raw) - names)
+        if extra:
             raise InvalidInput(
-                f"unknown input(s) {unknown}; the model takes {sorted(names)}",
-                unknown=unknown,
+                f"unknown input(s) {extra}; the model takes {sorted(names)}",
+                unknown=extra,
                 expected=sorted(names),
             )
         missing = [s.name for s in specs if s.name not in raw]
@@ -160,12 +161,14 @@ def to_array(spec: TensorSpec, value: Any) -> np.ndarray:
     return check_array(spec, array)
 
 
-def check_array(spec: TensorSpec, array: np.ndarray, *, finite: bool = False) -> np.ndarray:
+def check_array(
+    spec: TensorSpec, array: np.ndarray, *, finite: bool = False, wording: Wording = FERRY
+) -> np.ndarray:
     """Check kind, shape and range of an array against the spec; convert it to the spec's dtype.
     ``finite``: refuse NaN and infinity too (``check_finite``)."""
     name, dtype = spec.name, spec.dtype
     if array.dtype.kind not in _ACCEPTS.get(dtype.kind, dtype.kind):
-        _refuse_kind(name, array, dtype, FERRY)
+        _refuse_kind(name, array, dtype, wording)
     if array.ndim != len(spec.shape) or any(
         want >= 0 and got != want for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
     ):
@@ -179,7 +182,7 @@ def check_array(spec: TensorSpec, array: np.ndarray, *, finite: bool = False) ->
         )
     if array.shape[0] == 0:
         raise InvalidInput(f"input {name!r}: no rows (empty batch)", input=name)
-    array = np.ascontiguousarray(array) if array.dtype == dtype else _convert(name, array, dtype, FERRY)
+    array = np.ascontiguousarray(array) if array.dtype == dtype else _convert(name, array, dtype, wording)
     if finite:
         check_finite(spec, array)
     return array

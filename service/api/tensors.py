@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.columns import column_array
 from service.errors import BadRequest, InvalidInput
 from service.runtime.base import TensorSpec
 from service.signature import (
@@ -85,13 +86,13 @@ def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview)
             raise InvalidInput(f"inputs[{index}] must be an object with name, datatype, shape and data")
         raw_name = tensor.get("name")
         spec = by_name.get(raw_name) if isinstance(raw_name, str) else None
-        if spec is None:
+        if spec is None and (specs or not isinstance(raw_name, str)):  # no signature: any named input
             raise InvalidInput(
                 f"unknown input {raw_name!r}; the model takes {sorted(by_name)}",
                 unknown=raw_name,
                 expected=sorted(by_name),
             )
-        name = spec.name
+        name = spec.name if spec is not None else str(raw_name)
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given twice", input=name)
         datatype, shape = _datatype(name, tensor.get("datatype")), _shape(name, tensor.get("shape"))
@@ -113,17 +114,21 @@ def decode_inputs(specs: Sequence[TensorSpec], tensors: Any, binary: memoryview)
             raise InvalidInput(
                 f"input {name!r} has neither 'data' nor parameters.binary_data_size", input=name
             )
-        # JSON cannot carry NaN or infinity; refuse them in binary data alike
-        arrays[name] = check_array(spec, array, finite=size is not None)
+        if spec is None:
+            arrays[name] = array
+        elif spec.column is not None:  # a DataFrame column (MLServer's pandas codec: one input each)
+            arrays[name] = column_array(spec, array)
+        else:  # JSON cannot carry NaN or infinity; refuse them in binary data alike
+            arrays[name] = check_array(spec, array, finite=size is not None)
     if offset != len(binary):
         raise InvalidInput(
             f"the inputs' binary_data_size add up to {offset} bytes but {len(binary)} bytes of binary data "
             "follow the JSON header"
         )
-    missing = [s.name for s in specs if s.name not in arrays]
+    missing = [s.name for s in specs if s.required and s.name not in arrays]
     if missing:
         raise InvalidInput(f"missing input(s) {missing}", missing=missing)
-    return {s.name: arrays[s.name] for s in specs}
+    return {s.name: arrays[s.name] for s in specs if s.name in arrays} if specs else arrays
 
 
 def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:

@@ -18,14 +18,23 @@ from service.errors import ConfigurationError
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """Name, dtype and shape of one input or output; ``-1`` marks a free axis (the batch axis first)."""
+    """Name, dtype and shape of one input or output; ``-1`` marks a free axis (the batch axis first).
+
+    A column of a DataFrame signature is a spec too: shape ``(-1,)``, ``column`` its MLflow type
+    (``double``, ``long``, ``string``, ...; ``service.columns``) and ``required`` whether a request may
+    leave it out."""
 
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
+    column: str | None = None
+    required: bool = True
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        out: dict[str, object] = {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        if self.column is not None:
+            out |= {"type": self.column, "required": self.required}
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +44,19 @@ class RuntimeInfo:
     runtime: str
     device: str
     providers: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputForm:
+    """What kind of value a model returned (``runtime.output_form``; tensor runtimes: ``TENSORS``):
+    ``array`` (an ndarray or list), ``series`` (``key``: the column MLflow's records name it by),
+    ``frame`` (a DataFrame: one output per column, in order), or ``dict``."""
+
+    kind: str = "array"
+    key: str = "0"
+
+
+TENSORS = OutputForm()
 
 
 class Runtime(Protocol):

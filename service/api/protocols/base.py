@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -25,6 +26,18 @@ Decode = Callable[[Request, Mapping[str, str], Probe | None], Awaitable[Call]]
 Encode = Callable[[Answer], Response]
 ErrorBody = Callable[[int, str, str, Mapping[str, Any]], tuple[int, dict[str, Any]]]
 """``(status, code, message, details) -> (status, body)``: a protocol may answer another status."""
+
+
+def json_default(value: Any) -> Any:
+    """What orjson does not write natively (with ``OPT_SERIALIZE_NUMPY``): arrays of strings or objects
+    (a table's string columns, a classifier's labels), the bytes in them, and numpy scalars in objects."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True, slots=True)

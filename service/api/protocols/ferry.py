@@ -11,15 +11,15 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service.api.deps import Models, cache_control, json_object
-from service.api.protocols.base import Codec, Protocol, Route
+from service.api.protocols.base import Codec, Protocol, Route, json_default
 from service.batcher import Probe
+from service.columns import decode_inputs
 from service.config import BatchSettings
 from service.errors import InvalidInput
 from service.lifecycle import ModelSlot
 from service.pipeline import Answer, Call, Decoded
 from service.registry import LoadedModel
 from service.schemas.predict import ErrorResponse, PredictRequest, PredictResponse
-from service.signature import decode_inputs
 
 
 async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) -> Call:
@@ -53,6 +53,7 @@ def encode(answer: Answer) -> Response:
     value: Any = next(iter(outputs.values())) if len(outputs) == 1 else outputs
     content = orjson.dumps(
         {"model": answer.model, "version": answer.version, "outputs": value},
+        default=json_default,
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
     return Response(

@@ -24,14 +24,14 @@ from fastapi.responses import PlainTextResponse, Response
 
 from service.api.deps import cache_control
 from service.api.frames import csv_inputs, json_payload, payload_inputs
-from service.api.protocols.base import Codec, Protocol, Route, owns_routes
+from service.api.protocols.base import Codec, Protocol, Route, json_default, owns_routes
 from service.batcher import Probe
+from service.columns import decode_inputs
 from service.errors import InvalidInput, NotReady, UnsupportedMediaType
 from service.pipeline import Answer, Call, Decoded
 from service.registry import LoadedModel
 from service.schemas import mlflow as schema
 from service.schemas.v2 import inline_schema
-from service.signature import decode_inputs
 
 
 async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) -> Call:
@@ -59,17 +59,16 @@ async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) 
             if params is not None and not isinstance(params, dict):
                 raise InvalidInput("field 'params' must be an object", field="params")
             value = payload_inputs(specs, payload)
-        arrays, rows = decode_inputs(specs, value)
+        arrays, rows = decode_inputs(specs, value, unknown="ignore")  # as MLflow ignores them
         return Decoded(arrays, rows, params)
 
     return Call(path.get("name"), "mlflow", inputs_of, cache=cache_control(request), gone=gone)
 
 
 def encode(answer: Answer) -> Response:
-    outputs = answer.outputs
-    single = answer.flavor != "onnx" and len(outputs) == 1
-    predictions: Any = next(iter(outputs.values())) if single else outputs
-    content = orjson.dumps({"predictions": predictions}, default=_tolist, option=orjson.OPT_SERIALIZE_NUMPY)
+    content = orjson.dumps(
+        {"predictions": predictions(answer)}, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY
+    )
     return Response(
         content,
         media_type="application/json",
@@ -94,13 +93,30 @@ def _mlflow_version() -> str:
     return importlib.metadata.version("mlflow")
 
 
-def _tolist(value: Any) -> Any:
-    """What orjson does not write natively: arrays of strings or objects, and the bytes in them."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+def predictions(answer: Answer) -> Any:
+    """The ``predictions`` MLflow's scoring server writes for what the model returned: a DataFrame as
+    records, a Series as records of its one column, a dict as it is, an array (or list) as its rows;
+    ``{output_name: rows}`` for ONNX models (MLflow's ONNX flavor returns a dict) and several outputs."""
+    outputs, form = answer.outputs, answer.form
+    if form.kind == "frame":
+        names = list(outputs)
+        return [
+            dict(zip(names, row, strict=True))
+            for row in zip(*(_cells(a) for a in outputs.values()), strict=True)
+        ]
+    if form.kind == "series":
+        return [{form.key: v} for v in _cells(next(iter(outputs.values())))]
+    if form.kind != "dict" and answer.flavor != "onnx" and len(outputs) == 1:
+        return next(iter(outputs.values()))
+    return outputs
+
+
+def _cells(array: np.ndarray) -> list[Any]:
+    return (
+        array.tolist()
+        if array.dtype.kind != "O"
+        else [json_default(v) if isinstance(v, bytes) else v for v in array.tolist()]
+    )
 
 
 _MLFLOW_CODES = {

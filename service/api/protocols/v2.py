@@ -114,6 +114,8 @@ def encode(answer: Answer) -> Response:
             entry["data"] = tensors.encode_json(array)
         outputs.append(entry)
     body: dict[str, Any] = {"model_name": result.model, "model_version": result.version, "outputs": outputs}
+    if result.form.kind == "frame":  # MLServer's pandas codec: the outputs are a DataFrame's columns
+        body["parameters"] = {"content_type": "pd"}
     if request_id is not None:
         body["id"] = request_id
     content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
