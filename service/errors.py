@@ -10,9 +10,11 @@ FerryError
 ├── InvalidInput          422 invalid_input        inputs do not match the model's signature
 ├── ModelNotFound         404 model_not_found      no such model (or version) is served
 ├── PayloadTooLarge       413 payload_too_large    body or row count above the configured limits
+├── RequestTimeout        408 request_timeout      the body did not arrive in time (connection closed)
 ├── NotReady              503 not_ready            the model is loading or shutting down
 ├── RegistryUnavailable   503 registry_unavailable  MLflow did not answer (the loaded versions keep serving)
-├── Overloaded            503 overloaded           the model's queue is full (Retry-After)
+├── Overloaded            503 overloaded           the model's queue is full, or too many requests in flight
+                                                   (Retry-After)
 ├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
 ├── ClientGone            499 client_closed_request  the client hung up before its rows reached the model
 ├── ModelLoadError        500 model_load_failed    a model version could not be loaded or warmed up
@@ -73,6 +75,14 @@ class ModelNotFound(FerryError):
 class PayloadTooLarge(FerryError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     code = "payload_too_large"
+
+
+class RequestTimeout(FerryError):
+    """The request's body did not arrive within ``FERRY_LIMITS__BODY_TIMEOUT_S``; the connection is closed
+    after the answer (the rest of the body will not be read)."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "request_timeout"
 
 
 class NotReady(FerryError):
