@@ -358,6 +358,41 @@ def test_the_example_is_a_valid_inference_service_name_and_registry_uri() -> Non
     assert _MODELS_URI.match(isvc_model()["storageUri"])
 
 
+def kserve_section() -> str:
+    """README's "Running on KServe", up to the next heading."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^### Running on KServe\n(.*?)(?=^#)", text, re.MULTILINE | re.DOTALL)
+    assert match, "README has no 'Running on KServe' section"
+    return match[1]
+
+
+def test_every_ferry_name_in_the_kserve_files_and_docs_is_a_setting() -> None:
+    """Comments and the README's section included, so that neither drifts from Settings."""
+    texts = {p.name: p.read_text() for p in sorted(DEPLOY_KSERVE.glob("*.yaml"))}
+    texts["README.md"] = kserve_section()
+    for where, text in texts.items():
+        for name in set(re.findall(r"\b(FERRY_[A-Z0-9_]+)\b", text)):
+            assert is_setting(name), f"{where}: {name} is not a Ferry setting"
+
+
+def test_readme_says_what_the_runtime_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    section = " ".join(kserve_section().split())
+    settings = runtime_settings("fraud", monkeypatch)
+    model = isvc_model()
+    for fact in (
+        f"`{runtime()['metadata']['name']}`",
+        f"`{one_doc(STORAGE_FILE)['metadata']['name']}`",
+        f"`FERRY_MODELS={container_env(runtime_container())['FERRY_MODELS']}`",
+        f"`ferry fetch-model {model['storageUri']} {MODEL_MOUNT}`",
+        f"{settings.port}",
+        "`/health/ready`",
+        "`/health/live`",
+        "not `grpc-v2`",
+        f"`protocolVersion: {model['protocolVersion']}`",
+    ):
+        assert fact in section, f"README's KServe section does not say {fact}"
+
+
 # The storage initializer ------------------------------------------------------------------------------
 
 
