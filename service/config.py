@@ -131,6 +131,11 @@ class ShutdownSettings(BaseModel):
     """After SIGTERM: seconds to keep serving with readiness 503, so load balancers stop sending."""
 
 
+SAFE_FLAVORS = ("onnx", "pytorch")
+"""Flavors whose loading runs no code from the model's artifact: an ONNX graph, and a PyTorch program
+saved by ``torch.export`` (a pickled PyTorch model is refused by MLflow's pickle switch, off here)."""
+
+
 class Settings(BaseSettings):
     """All of Ferry's configuration."""
 
@@ -173,6 +178,11 @@ class Settings(BaseSettings):
     """Local folder where model artifacts are downloaded (cached by model name and version)."""
     warmup: bool = True
     """Run each model's logged input example through it before reporting ready."""
+    allowed_flavors: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(SAFE_FLAVORS))
+    """Comma-separated MLflow flavors Ferry may load (``*``: any). The flavor is the one that loads the
+    model: ``onnx``, ``pytorch``, or a pyfunc model's loader (``sklearn``, ``xgboost``, ``lightgbm``,
+    ``python_function`` for a custom ``PythonModel``...). Default ``onnx,pytorch``: loading these runs no
+    code from the artifact; any other flavor may (README, Security)."""
     redis_url: SecretStr | None = None
     """Redis for the shared cache tier (``redis://``, ``rediss://``, ``unix://``); unset: memory only."""
     batch: BatchSettings = Field(default_factory=BatchSettings)
@@ -189,7 +199,7 @@ class Settings(BaseSettings):
     """Comma-separated origins allowed by CORS (``*`` for any); empty: CORS off."""
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
-    @field_validator("models", "cors_origins", mode="before")
+    @field_validator("models", "cors_origins", "allowed_flavors", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

@@ -386,6 +386,14 @@ class ModelRegistry:
             example = meta.load_input_example(str(local))
         except Exception as exc:
             raise ModelLoadError(f"model {name} v{ref.version}: unreadable MLmodel: {exc}") from exc
+        loader = loading_flavor(meta.flavors)
+        allowed = self._settings.allowed_flavors
+        if loader not in allowed and "*" not in allowed:
+            raise ModelLoadError(
+                f"model {name} v{ref.version}: flavor {loader!r} is not allowed "
+                f"(FERRY_ALLOWED_FLAVORS={','.join(allowed)}); add {loader} to FERRY_ALLOWED_FLAVORS to "
+                "load it, knowing that loading it may run code from the model's artifact (README, Security)"
+            )
         signature_inputs = _specs(meta.signature.inputs if meta.signature else None, "input")
         signature_outputs = _specs(meta.signature.outputs if meta.signature else None, "output")
         try:
@@ -500,6 +508,23 @@ class ModelRegistry:
         model = mlflow.pyfunc.load_model(str(local))
         out = outputs[0].name if outputs else "output"
         return PyfuncRuntime(model.predict, [s.name for s in inputs], out, table=is_table(inputs))
+
+
+def loading_flavor(flavors: Mapping[str, Any]) -> str:
+    """The MLflow flavor whose code loads a model, as Ferry loads it: ``onnx`` and ``pytorch`` natively,
+    else the pyfunc loader module's flavor (``mlflow.sklearn`` is ``sklearn``; a custom ``PythonModel``,
+    pickled or from code, is ``python_function``); ``""`` when it has none Ferry can load."""
+    if "onnx" in flavors:
+        return "onnx"
+    if "pytorch" in flavors:
+        return "pytorch"
+    pyfunc = flavors.get("python_function")
+    if not isinstance(pyfunc, Mapping):
+        return ""
+    loader = str(pyfunc.get("loader_module") or "")
+    if loader == "mlflow.pyfunc" or loader.startswith("mlflow.pyfunc.") or not loader.startswith("mlflow."):
+        return "python_function"  # mlflow.pyfunc.model (a PythonModel), .loaders.code_model (from code)
+    return loader.removeprefix("mlflow.").split(".")[0]
 
 
 def _location(source: str) -> Path:

@@ -34,6 +34,9 @@ from procs import stop_server as stop_server  # noqa: E402
 from procs import wait_until as wait_until  # noqa: E402
 
 _CLEARED_PREFIXES = ("FERRY_", "MLFLOW_")
+TEST_FLAVORS = "onnx,pytorch,python_function"
+"""What the tests' Ferry may load: the safe default (``onnx,pytorch``) and the custom pyfunc models the
+tests write themselves (tests/integration/*_model.py). Tests of other flavors, and of the default, say so."""
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +45,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(_CLEARED_PREFIXES):
             monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FERRY_ALLOWED_FLAVORS", TEST_FLAVORS)
 
 
 def linear_module(weight: float = 2.0, bias: float = 1.0, features: int = 4, outputs: int = 3):  # type: ignore[no-untyped-def]
@@ -104,6 +108,9 @@ def register_code_model(
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(registry.tracking_uri)
+    if experiment_id is None:  # the registry's own, whose artifacts stay under its root (not ./mlruns)
+        tests = mlflow.get_experiment_by_name("tests")
+        experiment_id = tests.experiment_id if tests is not None else None
     with mlflow.start_run(experiment_id=experiment_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -206,6 +213,7 @@ def start_server(
         "FERRY_DOWNLOAD_DIR": str(workdir / "downloads"),
         "PYTHONUNBUFFERED": "1",
         "FERRY_SHUTDOWN__GRACE_S": "0",
+        "FERRY_ALLOWED_FLAVORS": TEST_FLAVORS,
     }
     env |= extra_env or {}
     argv = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -17,7 +17,7 @@ import procs
 import pytest
 from mlflow_stores import log_linear, register, save_linear, tracking
 
-from conftest import Registry, Server, free_port, start_server, stop_server, wait_until_ready
+from conftest import TEST_FLAVORS, Registry, Server, free_port, start_server, stop_server, wait_until_ready
 from service.registry import content_digest
 
 pytestmark = pytest.mark.integration
@@ -156,6 +156,7 @@ def test_the_version_of_a_directory_is_the_same_after_a_restart(
     env |= setup.registry.env() | {
         "FERRY_DOWNLOAD_DIR": str(workdir / "downloads"),
         "FERRY_SHUTDOWN__GRACE_S": "0",
+        "FERRY_ALLOWED_FLAVORS": TEST_FLAVORS,
     }
     url = f"http://127.0.0.1:{port}"
     server = procs.launch("ferry", argv, workdir / "ferry.log", url=url, env=env, cwd=workdir)

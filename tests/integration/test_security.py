@@ -184,3 +184,47 @@ def test_metrics_and_health_can_move_to_their_own_port(registry: Registry, tmp_p
         assert httpx.post(f"{ops}/predict", json=ROW).status_code in {404, 405}
     finally:
         assert stop_server(server) == 0
+
+
+def test_a_flavor_that_is_not_allowed_is_not_loaded_and_says_which_setting_allows_it(
+    registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The default, ``onnx,pytorch``: a custom pyfunc model (whose loading runs its code) is refused; the
+    PyTorch model beside it serves."""
+    import numpy as np
+
+    from conftest import register_code_model
+
+    example = np.zeros((1, 3), dtype=np.float32)
+    here = Path(__file__).parent
+    register_code_model(registry, "scaler-guarded", here / "scaler_model.py", example, {"scale": 1.0})
+    server = start_server(
+        registry,
+        "linear=models:/linear@champion,code=models:/scaler-guarded@champion",
+        tmp_path_factory.mktemp("flavors"),
+        {"FERRY_ALLOWED_FLAVORS": "onnx,pytorch"},
+        wait_ready=False,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        models: dict[str, dict[str, str]] = {}
+        while time.monotonic() < deadline:
+            try:
+                listed = httpx.get(f"{server.url}/models", timeout=5).json()["models"]
+            except httpx.TransportError:  # not listening yet
+                time.sleep(0.2)
+                continue
+            models = {m["name"]: m for m in listed}
+            if models["code"]["state"] == "failed" and models["linear"]["state"] == "ready":
+                break
+            time.sleep(0.2)
+        error = models["code"]["error"]
+        assert "flavor 'python_function' is not allowed" in error and "FERRY_ALLOWED_FLAVORS" in error
+        assert models["linear"]["state"] == "ready"
+        assert (
+            httpx.post(f"{server.url}/models/code/predict", json={"inputs": [[1, 2, 3]]}).status_code == 503
+        )
+        assert httpx.post(f"{server.url}/predict", json=ROW).status_code == 200
+        assert "flavor 'python_function' is not allowed" in server.log()
+    finally:
+        stop_server(server)

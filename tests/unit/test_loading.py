@@ -166,3 +166,34 @@ async def test_a_retired_version_s_files_are_deleted_unless_another_model_serves
     await service.remove("m")
     assert registry.discarded == ["models:/m/1", "models:/twin/1"], "twin still serves models:/m/2"
     await service.close()
+
+
+@pytest.mark.parametrize(
+    ("flavors", "loader"),
+    [
+        ({"onnx": {}, "python_function": {"loader_module": "mlflow.onnx"}}, "onnx"),
+        ({"pytorch": {}, "python_function": {"loader_module": "mlflow.pytorch"}}, "pytorch"),
+        ({"sklearn": {}, "python_function": {"loader_module": "mlflow.sklearn"}}, "sklearn"),
+        ({"python_function": {"loader_module": "mlflow.pyfunc.model"}}, "python_function"),
+        ({"python_function": {"loader_module": "mlflow.pyfunc.loaders.code_model"}}, "python_function"),
+        ({"python_function": {"loader_module": "my_company.loader"}}, "python_function"),
+        ({"keras": {}}, ""),
+    ],
+)
+def test_the_flavor_checked_against_allowed_flavors_is_the_one_whose_code_loads(
+    flavors: dict[str, Any], loader: str
+) -> None:
+    from service.registry import loading_flavor
+
+    assert loading_flavor(flavors) == loader
+
+
+def test_the_default_allows_only_flavors_whose_loading_runs_no_artifact_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.config import Settings
+
+    monkeypatch.delenv("FERRY_ALLOWED_FLAVORS")
+    assert Settings().allowed_flavors == ["onnx", "pytorch"]
+    monkeypatch.setenv("FERRY_ALLOWED_FLAVORS", "sklearn, python_function")
+    assert Settings().allowed_flavors == ["sklearn", "python_function"]
