@@ -14,9 +14,15 @@ PORT ?= 8000
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml scripts/install.sh locks/cpu-dev.txt
 	bash scripts/install.sh
 	touch $@
+
+# Refresh the hashed lock files (locks/*.txt) from pyproject.toml and pin every Dockerfile FROM by digest
+# (locks/images.txt): scripts/lock.py. Needs PyPI, and the registries for the digests.
+.PHONY: lock
+lock:
+	python3 scripts/lock.py
 
 tools:
 	bash scripts/tools.sh
