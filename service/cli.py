@@ -14,15 +14,17 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import __version__, logs
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from service.config import LimitSettings, Settings
+    from service.metrics import Metrics
 
 log = logging.getLogger("ferry")
 
@@ -102,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=int(max(settings.shutdown.grace_s, 1.0) * 2),
+        **connection_limits(settings.limits, app.state.metrics),
     )
     server = GracefulServer(config, app, settings.shutdown.grace_s)
     if settings.metrics_port is None:
@@ -194,6 +197,7 @@ async def _serve_with_ops(server: GracefulServer, app: Any, settings: Any) -> No
             access_log=False,
             log_config=None,
             lifespan="off",
+            **connection_limits(settings.limits, app.state.metrics),
         )
     )
     ops_task = asyncio.create_task(ops.serve())
@@ -256,3 +260,174 @@ def _run_script(script: Path, function: str, *args: Any) -> Any:
     sys.path.insert(0, str(script.parent.resolve()))
     spec.loader.exec_module(module)
     return getattr(module, function)(*args)
+
+
+def connection_limits(limits: LimitSettings, metrics: Metrics) -> dict[str, Any]:
+    """uvicorn settings of a server Ferry runs: its HTTP protocol with Ferry's connection bounds, and
+    the keep-alive timeout."""
+    return {
+        "http": guarded_http(limits, metrics),
+        # uvicorn declares an int but only hands it to call_later, which takes seconds as a float
+        "timeout_keep_alive": limits.keep_alive_s,
+    }
+
+
+def guarded_http(limits: LimitSettings, metrics: Metrics) -> type[GuardedHttpProtocol]:
+    """``GuardedHttpProtocol`` with ``limits``, counting what it refuses in ``metrics``."""
+    from service.api.errors import error_response
+
+    def raw(status: int, reason: str, code: str, message: str) -> bytes:
+        body = error_response(status, code, message).body
+        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        return f"{head}content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + bytes(body)
+
+    late = metrics.http_rejected.labels("header_timeout")
+    large = metrics.http_rejected.labels("header_size")
+
+    class Guarded(GuardedHttpProtocol):
+        head_timeout_s = limits.header_timeout_s
+        max_head_bytes = limits.max_header_bytes
+        head_timeout_answer = raw(
+            408,
+            "Request Timeout",
+            "request_timeout",
+            f"the request's headers did not arrive within {limits.header_timeout_s:g} s "
+            "(FERRY_LIMITS__HEADER_TIMEOUT_S); the connection is closed",
+        )
+        head_too_large_answer = raw(
+            431,
+            "Request Header Fields Too Large",
+            "request_header_fields_too_large",
+            f"the request line and headers are larger than {limits.max_header_bytes} bytes "
+            "(FERRY_LIMITS__MAX_HEADER_BYTES); the connection is closed",
+        )
+        on_head_timeout = late.inc
+        on_head_too_large = large.inc
+
+    return Guarded
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (the one uvicorn picks when httptools is installed, as
+    ``uvicorn[standard]`` installs it) with the bounds uvicorn lacks on a connection:
+
+    - **Headers in time**: a connection has ``head_timeout_s`` to deliver a request's line and headers,
+      counted from its opening (a connection that sends nothing is closed too) or, on a kept-alive
+      connection, from the next request's first byte. Then it gets a 408 and is closed, or is just
+      closed when nothing of a request arrived. uvicorn's own keep-alive timeout only covers the idle
+      time between requests, and its first byte cancels it: a client that then holds partial headers
+      (slowloris) would keep the connection, and what it sent, forever.
+    - **Headers of bounded size**: more than ``max_head_bytes`` received before the headers end gets a
+      431 and the connection is closed (httptools and uvicorn keep the headers in memory, unbounded).
+    - **An answer before the body closes the connection**: until a request's whole body has arrived, its
+      answer (413, 401, the concurrency cap's 503, the body timeout's 408) is sent with ``Connection:
+      close`` and the connection is closed after it, instead of the server reading, and throwing away,
+      whatever rest of the body the client keeps sending at its own pace.
+
+    The body's own deadline is the app's (``FastPath``: 408 after ``FERRY_LIMITS__BODY_TIMEOUT_S``). While
+    the app answers a request the connection is bounded by the app; between requests by uvicorn's
+    keep-alive timeout. The subclass made by ``guarded_http`` sets the class attributes.
+    """
+
+    head_timeout_s: ClassVar[float] = 10.0
+    max_head_bytes: ClassVar[int] = 64 * 1024
+    head_timeout_answer: ClassVar[bytes] = b""
+    head_too_large_answer: ClassVar[bytes] = b""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One timer per connection, re-armed only when it fires: arming and cancelling one per request
+        # cost about 4 us of the HTTP floor's 100. It fires at or before the deadline of the head
+        # being read, and checks ``_head_started`` then.
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None  # when the head being read began; None: none is
+        self._reading_head = True  # until a request's headers are complete, and again after its body
+        self._head_bytes = 0  # received while reading a head (at most one read more than counted)
+        self._shutting_down = False
+
+    def on_head_timeout(self) -> None:
+        """Called once per connection closed for its headers' time (a metric, in ``guarded_http``)."""
+
+    def on_head_too_large(self) -> None:
+        """Called once per connection closed for its headers' size."""
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_begins()  # a new connection must send a request in time, or anything at all
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_head:
+            self._head_bytes += len(data)
+            if self._head_started is None:
+                self._head_begins()
+        super().data_received(data)
+        if self._reading_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+            self.on_head_too_large()
+            self._close(self.head_too_large_answer)
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        super().shutdown()
+
+    # httptools parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = max(self._head_bytes, 1)  # part of a request arrived: a timeout answers 408
+        if self._head_started is None:  # a request that began in the same read as the last one ended
+            self._head_begins()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head, self._head_started = False, None
+        previous = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and cycle.keep_alive:
+            # Until the body is complete, an answer closes the connection (see the class docstring).
+            cycle.keep_alive = False
+            cycle.ferry_keep_alive = True  # type: ignore[attr-defined]
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        super().on_message_complete()
+        if (
+            cycle is not None
+            and getattr(cycle, "ferry_keep_alive", False)
+            and not cycle.response_started
+            and not self._shutting_down
+        ):
+            cycle.keep_alive = True  # the whole body arrived before the answer: keep-alive as asked
+        self._reading_head, self._head_bytes = True, 0  # the next head's time starts at its first byte
+
+    # the head timer
+    def _head_begins(self) -> None:
+        self._head_started = self.loop.time()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_started + self.head_timeout_s, self._check_head)
+
+    def _check_head(self) -> None:
+        self._head_timer = None
+        started = self._head_started
+        if started is None or self.transport.is_closing():
+            return  # no head being read: the next one arms the timer again
+        now, deadline = self.loop.time(), started + self.head_timeout_s
+        if now < deadline:  # armed for an earlier head; this one has time left
+            self._head_timer = self.loop.call_at(deadline, self._check_head)
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._head_begins()  # a pipelined head waits while the request before it is answered
+            return
+        self.on_head_timeout()
+        self._close(self.head_timeout_answer if self._head_bytes else b"")
+
+    def _close(self, answer: bytes) -> None:
+        if answer:
+            self.transport.write(answer)
+        self.transport.close()
