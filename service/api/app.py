@@ -100,6 +100,9 @@ def create_app(
         if settings.cache.enabled and settings.cache.response_bytes > 0
         else None,
         admin_keys=admin_keys,
+        max_concurrency=settings.limits.max_concurrency,
+        uncapped=(*health.PATHS, *unmetered_paths()),  # probes and the scrape answer under overload
+        body_timeout_s=settings.limits.body_timeout_s,
     )
     if settings.cors_origins:
         app.add_middleware(
