@@ -49,7 +49,8 @@ def register_labeler(registry: Registry) -> None:
 
     example = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, -3.0, -4.0]], dtype=np.float32)
     mlflow.set_tracking_uri(registry.tracking_uri)
-    with mlflow.start_run():
+    tests = mlflow.get_experiment_by_name("tests")  # the registry's own: artifacts under its root
+    with mlflow.start_run(experiment_id=tests.experiment_id if tests is not None else None):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(HERE / "label_model.py"),
@@ -104,7 +105,7 @@ def stored_key(redis_server: RedisServer, known: set[bytes]) -> bytes:
 
 
 def refused(server: Server) -> float:
-    return metric(httpx.get(f"{server.url}/metrics").text, "ferry_cache_unauthenticated_total")
+    return float(metric(httpx.get(f"{server.url}/metrics").text, "ferry_cache_unauthenticated_total"))
 
 
 def test_values_carry_a_mac_and_verified_ones_are_hits(
