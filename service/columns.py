@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from service import signature
-from service.errors import InvalidInput
+from service.errors import InvalidInput, InvalidValue
 from service.runtime.base import TensorSpec
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -139,7 +139,7 @@ def column_array(spec: TensorSpec, cells: Any) -> np.ndarray:
         if cells.ndim == 2 and cells.shape[1] == 1:  # MLServer's pandas codec sends [N, 1] columns
             cells = cells[:, 0]
         if cells.ndim != 1:
-            raise InvalidInput(
+            raise InvalidValue(
                 f"column {name!r}: expected one value per row (shape [-1]), got shape {list(cells.shape)}",
                 input=name,
             )
@@ -147,15 +147,15 @@ def column_array(spec: TensorSpec, cells: Any) -> np.ndarray:
             return _typed(spec, cells)
         cells = cells.tolist()
     elif not isinstance(cells, list):
-        raise InvalidInput(
+        raise InvalidValue(
             f"column {name!r}: expected a list with one value per row, got a single {type(cells).__name__}",
             input=name,
         )
     if not cells:
-        raise InvalidInput(f"column {name!r}: no rows (empty batch)", input=name)
+        raise InvalidValue(f"column {name!r}: no rows (empty batch)", input=name)
     nulls = [i for i, c in enumerate(cells) if c is None]
     if nulls and spec.required:
-        raise InvalidInput(
+        raise InvalidValue(
             f"column {name!r} is required but row {nulls[0]} holds null", input=name, row=nulls[0]
         )
     if kind == "string":
@@ -184,13 +184,13 @@ def column_array(spec: TensorSpec, cells: Any) -> np.ndarray:
 
 def _numbers(name: str, cells: list[Any], spec: TensorSpec) -> np.ndarray:
     if any(isinstance(c, (list, dict)) for c in cells):
-        raise InvalidInput(
+        raise InvalidValue(
             f"column {name!r}: expected one {spec.column} value per row, got a list or object", input=name
         )
     try:
         return signature.json_array(cells, guard=True)
     except (ValueError, TypeError):
-        raise InvalidInput(f"column {name!r}: expected {spec.column} values", input=name) from None
+        raise InvalidValue(f"column {name!r}: expected {spec.column} values", input=name) from None
 
 
 def _typed(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
@@ -203,7 +203,7 @@ def _typed(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
             return _object_array(array.tolist())
         if spec.column in ("string", "binary"):
             expected = "strings" if spec.column == "string" else "bytes"
-            raise InvalidInput(
+            raise InvalidValue(
                 f"column {spec.name!r}: expected {expected}, got {array.dtype.name} values", input=spec.name
             )
         return _object_array(array.tolist())
@@ -213,14 +213,19 @@ def _typed(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         whole = np.isfinite(array) & (array == np.floor(array))
         if not whole.all():
             row = int(np.argmin(whole))
-            raise InvalidInput(
+            raise InvalidValue(
                 f"column {spec.name!r}: expected {spec.column} values, "
                 f"got {float(array[row])!r} in row {row}",
                 input=spec.name,
                 row=row,
             )
         array = array.astype(np.int64) if np.abs(array).max() < 2.0**63 else array
-    return signature.check_array(TensorSpec(spec.name, spec.dtype, (-1,)), array, wording=_wording())
+    try:
+        return signature.check_array(TensorSpec(spec.name, spec.dtype, (-1,)), array, wording=_wording())
+    except InvalidValue:
+        raise
+    except InvalidInput as exc:  # a value of the wrong kind or out of range
+        raise InvalidValue(exc.message, **exc.details) from None
 
 
 @functools.cache
@@ -244,7 +249,7 @@ def _objects(name: str, cells: list[Any], kind: type, label: str, convert: Any) 
         if cell is not None and type(cell) is not kind:
             cell = convert(name, i, cell)
             if cell is None:
-                raise InvalidInput(
+                raise InvalidValue(
                     f"column {name!r}: expected {label}, got {_what(cells[i])} in row {i}", input=name, row=i
                 )
         out[i] = cell
@@ -256,7 +261,7 @@ def _utf8(name: str, row: int, cell: Any) -> str | None:
         try:
             return cell.decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidInput(f"column {name!r}: row {row} is not UTF-8 text", input=name, row=row) from None
+            raise InvalidValue(f"column {name!r}: row {row} is not UTF-8 text", input=name, row=row) from None
     return cell if isinstance(cell, str) else None
 
 
@@ -266,17 +271,17 @@ def _base64(name: str, row: int, cell: Any) -> bytes | None:
     try:
         return base64.b64decode(cell, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInput(f"column {name!r}: row {row} is not base64", input=name, row=row) from None
+        raise InvalidValue(f"column {name!r}: row {row} is not base64", input=name, row=row) from None
 
 
 def _datetimes(name: str, cells: list[Any]) -> np.ndarray:
     if not all(isinstance(c, str) for c in cells):
         bad = next(c for c in cells if not isinstance(c, str))
-        raise InvalidInput(f"column {name!r}: expected ISO 8601 date-times, got {_what(bad)}", input=name)
+        raise InvalidValue(f"column {name!r}: expected ISO 8601 date-times, got {_what(bad)}", input=name)
     try:
         return np.array(cells, dtype="datetime64[ns]")
     except ValueError as exc:
-        raise InvalidInput(f"column {name!r}: not an ISO 8601 date-time: {exc}", input=name) from None
+        raise InvalidValue(f"column {name!r}: not an ISO 8601 date-time: {exc}", input=name) from None
 
 
 def _object_array(values: list[Any]) -> np.ndarray:

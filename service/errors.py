@@ -60,6 +60,14 @@ class InvalidInput(FerryError):
     code = "invalid_input"
 
 
+class InvalidValue(InvalidInput):
+    """A value in a table's column that its type does not take (a string for a number, a null where
+    the column is required): MLflow's scoring server says ``BAD_REQUEST`` for these, where a missing
+    column is ``INVALID_PARAMETER_VALUE``."""
+
+    code = "invalid_value"
+
+
 class ModelRejected(InvalidInput):
     """The model itself refused a request's input (a pyfunc model raised on it, run alone): the
     client's error, answered 422 with the model's message, as ``mlflow models serve`` answers 400."""

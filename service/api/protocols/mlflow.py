@@ -121,6 +121,8 @@ def _cells(array: np.ndarray) -> list[Any]:
 
 _MLFLOW_CODES = {
     "invalid_input": "INVALID_PARAMETER_VALUE",
+    "invalid_value": "BAD_REQUEST",  # MLflow: "Failed to convert column ... to type ..."
+    "model_rejected": "BAD_REQUEST",  # MLflow: "Encountered an unexpected error while evaluating ..."
     "model_not_found": "RESOURCE_DOES_NOT_EXIST",
     "not_found": "ENDPOINT_NOT_FOUND",
     "payload_too_large": "REQUEST_LIMIT_EXCEEDED",
