@@ -124,7 +124,7 @@ class Pipeline:
                 # The source (registered model and version, run, or content digest), not the version
                 # string: a name re-pointed to another model with the same version number must miss.
                 key = cache_key(name, model.ref.source, decoded.arrays, params)
-            except TypeError:  # inputs the cache cannot key (strings): compute them every time
+            except TypeError:  # inputs the cache cannot key (objects other than str, bytes, None)
                 key = None
         tier = "miss"
         outputs: dict[str, np.ndarray] | None = None
@@ -164,7 +164,7 @@ class Pipeline:
         cache = self._cache
         assert cache is not None
         name = active.model.name
-        with contextlib.suppress(TypeError):  # outputs the cache cannot hold (strings) stay uncached
+        with contextlib.suppress(TypeError):  # outputs the cache cannot hold (objects other than strings)
             await cache.set(name, key, computed, cache.ttl_s(name))
         return computed
 
