@@ -95,9 +95,9 @@ class TieredCache:
     async def set(self, model: str, key: bytes, outputs: Outputs, ttl_s: float) -> None:
         """Store in memory now and in Redis in the background (dropped, and counted, when too many wait).
 
-        Raises ``TypeError`` for outputs the cache cannot hold (objects other than strings). Encodes once; the memory tier
-        keeps that buffer decoded: compact (not a view into the model's whole batch), read-only, and
-        counted by what it holds.
+        Raises ``TypeError`` for outputs the cache cannot hold (objects other than strings). Encodes
+        once; the memory tier keeps that buffer decoded: compact (not a view into the model's whole
+        batch), read-only, and counted by what it holds.
         """
         data = encode_outputs(outputs)
         if self.memory is not None:
