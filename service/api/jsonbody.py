@@ -134,6 +134,10 @@ def _array(value: Any, body: bytes, path: tuple[str | int, ...]) -> tuple[Any, i
     arrays it holds."""
     found = _numeric(value)
     if found is None:
+        if len(value) and isinstance(value[0], simdjson.Object):
+            # Records (a table's rows): orjson gives the same values for the whole body in a fraction
+            # of converting and counting them here (256 records of 6 columns: 2.1 ms -> 0.5 ms).
+            raise _Fallback
         plain = value.as_list()
         return plain, _arrays(plain)
     array, count = found
