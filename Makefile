@@ -62,9 +62,15 @@ clean:
 
 # Benchmark (docs/benchmarks.md, bench/results/) and the gated Locust run (loadtests/reports/).
 # Extra arguments: make bench BENCH_ARGS="--duration 5 --warmup 2"; make loadtest LOADTEST_ARGS="--duration 60".
-.PHONY: bench loadtest
+# The soak (README, Reliability): 10 minutes of mixed traffic at 64 connections against a Ferry on a registry
+# of its own, results in loadtests/reports/soak/; make soak SOAK_ARGS="--duration 60".
+.PHONY: bench loadtest soak
 bench: register-demo tools
+	$(PY) models/tabular.py churn-sklearn
 	$(PY) loadtests/bench.py --duration 20 --warmup 5 --docs docs/benchmarks.md $(BENCH_ARGS)
 
 loadtest: register-demo tools
 	$(PY) loadtests/loadtest.py --profile full --duration 45 --floor-duration 15 --users 32 --reports loadtests/reports $(LOADTEST_ARGS)
+
+soak: install
+	$(PY) loadtests/soak.py --duration 600 --connections 64 --out loadtests/reports/soak $(SOAK_ARGS)

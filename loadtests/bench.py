@@ -53,7 +53,7 @@ from bench_measure import (  # noqa: E402
     versions,
 )
 from bench_report import Report, load_config, observations, publish, ratios, targets  # noqa: E402
-from bench_scenarios import CNN, INSTANCES, ORDER, scenarios  # noqa: E402
+from bench_scenarios import CNN, INSTANCES, ONNX, ORDER, scenarios  # noqa: E402
 
 ROOT = procs.ROOT
 DEFAULT_TRACKING_URI = "sqlite:///.ferry/mlflow.db"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
         workdir = Path(tmp)
         inprocess_s = min(args.duration, 10.0)
-        if any(s.rows == 256 for s in chosen) and "ferry" in servers:
+        if any(s.rows == 256 and s.model == ONNX for s in chosen) and "ferry" in servers:
             print("bench: onnxruntime in-process at batch 256", flush=True)
             ceiling = functools.partial(onnx_ceiling, args.tracking_uri, 256, inprocess_s)
             report.runs.append(quietest(ceiling, args))
