@@ -117,6 +117,11 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._rows
 
+    @property
+    def closing(self) -> bool:
+        """True once ``close`` began: new requests are refused (``NotReady``), queued ones drain."""
+        return self._closing
+
     async def submit(
         self,
         inputs: Arrays,

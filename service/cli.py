@@ -343,6 +343,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_started: float | None = None  # when the head being read began; None: none is
         self._reading_head = True  # until a request's headers are complete, and again after its body
         self._head_bytes = 0  # received while reading a head (at most one read more than counted)
+        self._head_tail = b""  # the last bytes of the head read so far: its end may span two reads
         self._shutting_down = False
 
     def on_head_timeout(self) -> None:
@@ -364,13 +365,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._reading_head:
-            self._head_bytes += len(data)
             if self._head_started is None:
                 self._head_begins()
+            # Measured before the parser sees the bytes: a head that arrives whole in one read is
+            # complete (and its request served) by the time the parser returns. The head ends at the
+            # first blank line, looked for across the previous read's last 3 bytes too.
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            head = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._head_tail))
+            self._head_bytes += len(data)
+            self._head_tail = seen[-3:]
+            if head > self.max_head_bytes and not self.transport.is_closing():
+                self.on_head_too_large()
+                self._close(self.head_too_large_answer)
+                return
         super().data_received(data)
-        if self._reading_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-            self.on_head_too_large()
-            self._close(self.head_too_large_answer)
 
     def shutdown(self) -> None:
         self._shutting_down = True
@@ -403,7 +412,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             and not self._shutting_down
         ):
             cycle.keep_alive = True  # the whole body arrived before the answer: keep-alive as asked
-        self._reading_head, self._head_bytes = True, 0  # the next head's time starts at its first byte
+        self._reading_head, self._head_bytes, self._head_tail = (
+            True,
+            0,
+            b"",
+        )  # the next head's time starts at its first byte
 
     # the head timer
     def _head_begins(self) -> None:

@@ -21,7 +21,14 @@ import numpy as np
 from service.batcher import Probe
 from service.cache import TieredCache, cache_key
 from service.config import Settings
-from service.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+)
 from service.lifecycle import ActiveVersion, ModelSet
 from service.metrics import ModelMetrics
 from service.registry import LoadedModel
@@ -98,6 +105,19 @@ class Pipeline:
         hit. Identical requests in flight at once run the model once."""
         started = time.perf_counter()
         active = self.models.active(call.model)
+        try:
+            return await self._answer(call, active, started)
+        except NotReady:
+            # A swap retired the version chosen above before the request reached its queue (its
+            # batcher refuses new rows while it drains): the version that replaced it answers.
+            if not active.batcher.closing:
+                raise
+            newer = self.models.active(call.model)
+            if newer is active:
+                raise
+            return await self._answer(call, newer, started)
+
+    async def _answer(self, call: Call, active: ActiveVersion, started: float) -> Answer:
         if call.version is not None and call.version != active.version:
             name, loaded = active.model.name, active.version
             raise ModelNotFound(

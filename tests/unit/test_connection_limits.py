@@ -178,6 +178,26 @@ async def test_headers_over_the_bound_get_431() -> None:
 
 
 @pytest.mark.asyncio
+async def test_headers_over_the_bound_in_one_read_get_431_and_are_not_served() -> None:
+    """Found by the soak: a head that arrives whole in one read was parsed (and its request served)
+    before its size was checked."""
+    protocol, transport = connection(reads_body, max_header_bytes=1024)
+    protocol.data_received(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+    await settle()
+    assert transport.written.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"200 OK" not in transport.written and is_closed(transport)
+
+
+@pytest.mark.asyncio
+async def test_a_head_ending_across_two_reads_with_a_body_is_not_too_large() -> None:
+    protocol, transport = connection(reads_body, max_header_bytes=1024)
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r")
+    protocol.data_received(b"\n" + b"a" * 3000)
+    await settle()
+    assert transport.written.startswith(b"HTTP/1.1 200 OK"), transport.written[:80]
+
+
+@pytest.mark.asyncio
 async def test_a_large_body_does_not_count_as_headers() -> None:
     protocol, transport = connection(reads_body, max_header_bytes=1024)
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 2000)
