@@ -1,5 +1,5 @@
-"""``ferry``: ``serve``, ``register-demo``, ``bench``, ``fetch-model``. ``python -m service`` is the same
-program."""
+"""``ferry``: ``serve``, ``register-demo``, ``bench``, ``fetch-model``, ``check``. ``python -m service`` is
+the same program."""
 
 from __future__ import annotations
 
@@ -62,7 +62,38 @@ def main(argv: list[str] | None = None) -> int:
         "pairs", nargs="+", metavar="SRC DEST", help="models:/NAME@ALIAS, models:/NAME/N or runs:/"
     )
 
+    check = commands.add_parser(
+        "check",
+        help="compare a model version with the one it would replace and judge it by a policy (exit 1: fails)",
+        description="Load CANDIDATE as ferry serve would, run it and the compared version on the same rows, "
+        "and report agreement, accuracy, latency, throughput, load time and memory. Exit 0: every check "
+        "passed; 1: a check failed (a candidate that does not load or run included); 2: the check could "
+        "not run.",
+    )
+    check.add_argument(
+        "candidate", metavar="CANDIDATE", help="models:/NAME/VERSION, models:/NAME@ALIAS or any model URI"
+    )
+    check.add_argument(
+        "--against",
+        metavar="ALIAS_OR_URI",
+        help="an alias of the candidate's registered model (champion) or a model URI "
+        "(default: models:/NAME@champion when it exists, else no comparison)",
+    )
+    check.add_argument(
+        "--data", metavar="FILE", help="reference data set: .csv, .parquet or .jsonl (default: input example)"
+    )
+    check.add_argument("--label", metavar="COLUMN", help="label column of --data: accuracy against it")
+    check.add_argument(
+        "--report", metavar="DIR", default="check-report", help="report folder (default: check-report)"
+    )
+    check.add_argument("--policy", metavar="FILE", help="thresholds, TOML (default: the documented defaults)")
+    check.add_argument(
+        "--requests", type=int, default=100, metavar="N", help="timed calls per batch size (default: 100)"
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "fetch-model":
@@ -112,6 +143,22 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(_serve_with_ops(server, app, settings))
     return 0 if server.started else 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    from service.check.command import Options, run
+
+    return run(
+        Options(
+            candidate=args.candidate,
+            against=args.against,
+            data=args.data,
+            label=args.label,
+            report=args.report,
+            policy=args.policy,
+            requests=args.requests,
+        )
+    )
 
 
 def _fetch_model(pairs: list[str]) -> int:

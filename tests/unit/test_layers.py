@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "service.api": 3,
     # L4: entry points
     "service.cli": 4,
+    "service.check": 4,
     "service.__main__": 4,
 }
 
