@@ -124,6 +124,15 @@ class ReloadSettings(BaseModel):
     ``poll_s`` on each failure)."""
 
 
+class MemorySettings(BaseModel):
+    """More models than memory: a budget per device (one Ferry process serves one device)."""
+
+    budget_bytes: Annotated[int, Field(gt=0)] | None = None
+    """Bytes the loaded models may take, measured as their files on disk (unset: no budget, every model
+    loads at start-up); models beyond it load on their first request, evicting the least recently used
+    idle one."""
+
+
 class ShutdownSettings(BaseModel):
     """Graceful shutdown on SIGTERM."""
 
@@ -189,6 +198,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     reload: ReloadSettings = Field(default_factory=ReloadSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     admin_token: SecretStr | None = None
     """Bearer token of the admin API; unset turns the admin API off."""

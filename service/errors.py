@@ -15,6 +15,8 @@ FerryError
 ├── RegistryUnavailable   503 registry_unavailable  MLflow did not answer (the loaded versions keep serving)
 ├── Overloaded            503 overloaded           the model's queue is full, or too many requests in flight
                                                    (Retry-After)
+├── OverBudget            503 over_budget          a model to load does not fit the memory budget beside the
+                                                   models that cannot be unloaded now (Retry-After)
 ├── DeadlineExceeded      504 deadline_exceeded    the request's deadline passed
 ├── ClientGone            499 client_closed_request  the client hung up before its rows reached the model
 ├── ModelLoadError        500 model_load_failed    a model version could not be loaded or warmed up
@@ -108,6 +110,15 @@ class RegistryUnavailable(FerryError):
 class Overloaded(FerryError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "overloaded"
+    retry_after_s: int = 1
+
+
+class OverBudget(FerryError):
+    """Loading a model would exceed ``FERRY_MEMORY__BUDGET_BYTES`` even after unloading every idle model;
+    the message gives the sizes. Retried later it may fit (busy models become idle)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "over_budget"
     retry_after_s: int = 1
 
 

@@ -1,6 +1,12 @@
 """The model lifecycle: which models are served, and each one's way from a registry version to the
 version that answers (``ModelSlot``: loading → ready, or failed; a new version is loaded, warmed up and
-swapped in with one reference assignment, then the old one drains and is retired).
+swapped in with one reference assignment, then the old one drains and is retired; ready → unloaded when
+the memory budget evicts it or the repository API unloads it).
+
+With a memory budget (``FERRY_MEMORY__BUDGET_BYTES``, ``budget.py``) start-up loads the models in the
+listed order while they fit, the others stay unloaded; a request for an unloaded model loads it
+(``serving``), first unloading the least recently used idle models (no request queued or in flight)
+when it would not fit; ``OverBudget`` (503) when even that would not make room.
 
 ``ModelSet`` is used by start-up (``api/app.py``), the reloader, the admin API and the pipeline
 (``pipeline.py``, which asks it for the version answering a model now). Every load of a model goes
@@ -14,23 +20,26 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.batcher import Batcher
+from service.budget import MemoryBudget, files_size, human
 from service.cache import SingleFlight
 from service.columns import is_table
 from service.config import Settings
 from service.errors import (
     ConfigurationError,
+    DeadlineExceeded,
     FerryError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     NotReady,
+    OverBudget,
 )
 from service.metrics import Metrics, ModelMetrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
@@ -49,6 +58,9 @@ class ModelState(enum.StrEnum):
     """No version answers: the last load failed (the reloader retries it with backoff)."""
     STOPPED = "stopped"
     """The server is shutting down."""
+    UNLOADED = "unloaded"
+    """No version is loaded: the memory budget left it out (it loads on its next request) or the
+    repository API unloaded it (it loads when asked to)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,10 @@ class Loading:
     uri: str
     version: str | None
     """The version it loads; ``None`` until the URI is resolved."""
+    reason: str = "reload"
+    """Why (``ferry_model_loads_total``): startup, first_request, reload, admin, repository."""
+    evict: bool = True
+    """Whether it may unload idle models to fit the memory budget."""
     task: asyncio.Task[ModelSlot] = field(init=False)
 
     def joins(self, uri: str, ref: ModelRef | None) -> bool:
@@ -99,6 +115,15 @@ class ModelSlot:
     error: str | None = None
     loading: Loading | None = None
     """The load in progress, if any: at most one per model at a time (see ``ModelSet.load``)."""
+    users: int = 0
+    """Requests using the model now, from choosing its version to their answer: never evicted then."""
+    on_demand: bool = False
+    """The memory budget manages it: unloaded, it loads on its next request, and readiness does not
+    wait for it."""
+    size_bytes: int | None = None
+    """Its last loaded version's files on disk (measured under a memory budget only)."""
+    parked: ModelRef | None = None
+    """The version last unloaded, whose downloaded files are kept for its next load."""
 
     @property
     def name(self) -> str:
@@ -122,6 +147,8 @@ class ModelSet:
         if default is not None and default not in self._slots:
             raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
         self._default = default
+        self._budget = MemoryBudget(settings.memory.budget_bytes)
+        metrics.memory_budget.set(settings.memory.budget_bytes or 0)
         self.shutting_down = False
         self.generation = 0
         """Bumped whenever the set of answering versions changes (swap, add, remove): replayed responses
@@ -130,14 +157,28 @@ class ModelSet:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every configured model at once; a broken one is reported, not fatal (bad settings are).
-        MLflow's loaders that are not thread-safe are serialized in the registry, downloads are not."""
-        results = await asyncio.gather(
-            *(self.load(slot.name) for slot in self._slots.values()), return_exceptions=True
-        )
-        for slot, result in zip(self._slots.values(), results, strict=True):
+        MLflow's loaders that are not thread-safe are serialized in the registry, downloads are not.
+        Under a memory budget one after the other in the listed order, each that still fits (a model
+        that does not stays unloaded until its first request; nothing is evicted at start-up)."""
+        slots = list(self._slots.values())
+        if self._budget.enabled:
+            results: list[BaseException | ModelSlot] = []
+            for slot in slots:
+                try:
+                    results.append(await self.load(slot.name, reason="startup", evict=False))
+                except FerryError as exc:
+                    results.append(exc)
+        else:
+            results = await asyncio.gather(
+                *(self.load(slot.name, reason="startup") for slot in slots), return_exceptions=True
+            )
+        for slot, result in zip(slots, results, strict=True):
             if isinstance(result, ConfigurationError):
                 raise result
-            if isinstance(result, FerryError):
+            if isinstance(result, OverBudget):
+                log.info("model %s not loaded at start-up, it loads on its first request: %s",
+                         slot.name, result.message)  # fmt: skip
+            elif isinstance(result, FerryError):
                 log.error("model %s not loaded: %s", slot.name, result.message)
             elif isinstance(result, BaseException):  # cancelled: the server is stopping
                 raise result
@@ -147,10 +188,20 @@ class ModelSet:
         slot = self._slots.get(name)
         return slot is not None and slot.loading is not None and not slot.loading.task.done()
 
-    async def load(self, name: str, uri: str | None = None, ref: ModelRef | None = None) -> ModelSlot:
+    async def load(
+        self,
+        name: str,
+        uri: str | None = None,
+        ref: ModelRef | None = None,
+        *,
+        reason: str = "reload",
+        evict: bool = True,
+    ) -> ModelSlot:
         """Resolve (unless ``ref`` is given), download, load and warm up a version of ``name``, then swap
         it in with one reference assignment and drain the old version. A version that fails any step
-        is never swapped in: the old one keeps serving.
+        is never swapped in: the old one keeps serving. Under a memory budget the downloaded files are
+        measured first and, with ``evict``, the least recently used idle models are unloaded to make
+        room (``OverBudget`` when that cannot be done: the model is not loaded).
 
         Every load of a model goes through here (start-up, the reloader, the admin API), and at most
         one runs per model: a caller asking for what the load in progress will give joins it; any other
@@ -162,7 +213,9 @@ class ModelSet:
         if pending is not None and pending.joins(uri, ref):
             return await asyncio.shield(pending.task)
         before = pending.task if pending is not None and not pending.task.done() else None
-        loading = Loading(uri, ref.version if ref is not None else None)
+        loading = Loading(uri, ref.version if ref is not None else None, reason, evict)
+        if slot.state == ModelState.UNLOADED:
+            slot.state = ModelState.LOADING
         loading.task = asyncio.create_task(self._load_after(before, slot, loading, ref), name=f"load-{name}")
         slot.loading = loading
         loading.task.add_done_callback(lambda _: _clear(slot, loading))
@@ -181,11 +234,16 @@ class ModelSet:
         spec = ModelSpec(name, loading.uri)
         started = time.perf_counter()
         stage = "resolve"
+        size: int | None = None
         try:
             if ref is None:
                 ref = await asyncio.to_thread(self._registry.resolve, spec.uri)
                 loading.version = ref.version
             stage = "load"
+            if self._budget.enabled:
+                local = await asyncio.to_thread(self._registry.download, name, ref)
+                size = await asyncio.to_thread(files_size, local)
+                await self._make_room(slot, size, loading.evict)
             model = await asyncio.to_thread(self._registry.load, name, ref)
             stage = "warmup"
             batcher, slot_metrics = self._batcher(name, model)
@@ -195,7 +253,14 @@ class ModelSet:
                 await batcher.close(drain=False)
                 model.runtime.close()
                 raise
-        except Exception as exc:
+        except BaseException as exc:
+            self._recharge(slot)  # what it reserved goes back; what answers stays charged
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, OverBudget):
+                if slot.active is None:
+                    slot.state, slot.error, slot.on_demand = ModelState.UNLOADED, exc.message, True
+                raise
             failure = _load_failure(name, stage, exc)
             self._metrics.load_failures.labels(name, stage).inc()
             if slot.active is None:
@@ -220,31 +285,131 @@ class ModelSet:
         old, slot.spec, slot.active = slot.active, spec, new
         self.generation += 1
         slot.state, slot.error = ModelState.READY, None
+        parked, slot.parked = slot.parked, None
+        if size is not None:
+            slot.size_bytes = size
         self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
         self._metrics.model_ready.labels(name).set(1)
         self._metrics.model_info.labels(*labels).set(1)
+        self._metrics.model_loads.labels(name, loading.reason).inc()
+        self._metrics.memory_used.set(self._budget.used)
         log.info(
-            "model %s v%s ready (%s on %s) in %.2fs",
-            name, ref.version, model.flavor, info.device, time.perf_counter() - started,
+            "model %s v%s loaded (%s) and ready (%s on %s) in %.2fs%s",
+            name, ref.version, loading.reason, model.flavor, info.device, time.perf_counter() - started,
+            f"; {human(size)} of the memory budget, {human(self._budget.used)} of "
+            f"{human(self._budget.limit or 0)} in use" if size is not None else "",
         )  # fmt: skip
         if old is not None:
             await self._retire(old)
+        elif parked is not None and parked.source != ref.source:  # the alias moved while it was unloaded
+            await self._discard_unused(parked)
         return slot
 
-    async def add(self, name: str, uri: str) -> ModelSlot:
-        """Serve a new model, or an existing one from a new URI (admin API)."""
+    async def _make_room(self, slot: ModelSlot, size: int, evict: bool) -> None:
+        """Charge ``size`` bytes to ``slot`` against the budget, unloading the least recently used idle
+        models first where it would not fit (only with ``evict``). The choice and the charge happen
+        without yielding to the event loop: two loads never count the same free bytes."""
+        idle = [s.name for s in self._slots.values() if s is not slot and _idle(s)] if evict else []
+        victims = self._budget.plan(slot.name, size, idle)
+        why = (
+            f"evicted: the least recently used idle model, to make room for {slot.name} ({human(size)}) "
+            f"in the memory budget of {human(self._budget.limit or 0)}"
+        )
+        olds = [self._detach(self._slots[v], "evicted", on_demand=True, why=why) for v in victims]
+        self._budget.charge(slot.name, size)
+        self._metrics.memory_used.set(self._budget.used)
+        for old in olds:
+            if old is not None:
+                await self._retire(old, keep_files=True)
+
+    def _detach(self, slot: ModelSlot, reason: str, *, on_demand: bool, why: str) -> ActiveVersion | None:
+        """Stop answering with ``slot``'s version (new requests find it unloaded) and release its bytes;
+        the caller retires the version returned."""
+        old = slot.active
+        slot.active, slot.state, slot.error, slot.on_demand = None, ModelState.UNLOADED, None, on_demand
+        freed = self._budget.release(slot.name)
+        self._metrics.model_ready.labels(slot.name).set(0)
+        self._metrics.memory_used.set(self._budget.used)
+        if old is not None:
+            slot.parked = old.model.ref
+            self._metrics.model_unloads.labels(slot.name, reason).inc()
+            log.info(
+                "model %s v%s unloaded (%s)%s", slot.name, old.version, why,
+                f"; {human(freed)} freed, {human(self._budget.used)} in use" if self._budget.enabled else "",
+            )  # fmt: skip
+        return old
+
+    def _recharge(self, slot: ModelSlot) -> None:
+        """After a load that did not swap in: the budget charges ``slot`` what answers now, if anything."""
+        if not self._budget.enabled or self._slots.get(slot.name) is not slot:
+            return
+        if slot.active is None:
+            self._budget.release(slot.name)
+        else:
+            self._budget.charge(slot.name, slot.size_bytes or 0)
+        self._metrics.memory_used.set(self._budget.used)
+
+    async def unload(self, name: str, reason: str = "repository") -> None:
+        """Unload ``name`` but keep serving it by name (the repository API): it stays listed, unloaded,
+        until a load asks for it again; its requests get 503 meanwhile. A load in progress is cancelled."""
+        slot = self.find(name)
+        if slot.loading is not None:
+            slot.loading.task.cancel()
+        old = self._detach(slot, reason, on_demand=False, why=f"{reason} API")
+        self.generation += 1
+        if old is not None:
+            await self._retire(old, keep_files=True)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, name: str | None, timeout_s: float) -> AsyncIterator[ActiveVersion]:
+        """The version answering ``name`` (``None``: the default model), held in use until the block
+        ends: a model in use is never evicted. A model the budget unloaded is loaded first (concurrent
+        first requests share the one load), waiting at most ``timeout_s`` for it."""
+        slot = self._slot(name)
+        slot.users += 1
+        try:
+            if (
+                slot.active is None
+                and slot.on_demand
+                and slot.state in (ModelState.UNLOADED, ModelState.LOADING)
+                and not self.shutting_down
+            ):
+                await self._load_on_demand(slot, timeout_s)
+            active = self.active(slot.name)
+            self._budget.touch(slot.name)
+            yield active
+        finally:
+            slot.users -= 1
+
+    async def _load_on_demand(self, slot: ModelSlot, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.load(slot.name, reason="first_request")
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {slot.name!r} did not load within the request's deadline of {timeout_s:g} s "
+                "(FERRY_BATCH__TIMEOUT_MS); it goes on loading"
+            ) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise NotReady(f"model {slot.name!r} was unloaded while it loaded") from None
+
+    async def add(self, name: str, uri: str, reason: str = "admin") -> ModelSlot:
+        """Serve a new model, or an existing one from a new URI (admin and repository APIs)."""
         try:
             spec = ModelSpec.parse(f"{name}={uri}")
         except ConfigurationError as exc:
             raise InvalidInput(exc.message, field="uri") from None
         if spec.name in self._slots:
-            return await self.load(spec.name, spec.uri)
+            return await self.load(spec.name, spec.uri, reason=reason)
         self._slots[spec.name] = ModelSlot(spec)
         if self._default is None:
             self._default = spec.name
-        return await self.load(spec.name)
+        return await self.load(spec.name, reason=reason)
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, reason: str = "admin") -> None:
         """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed."""
         slot = self.find(name)
         del self._slots[name]
@@ -255,29 +420,36 @@ class ModelSet:
             self._default = next(iter(self._slots), None)
         with contextlib.suppress(KeyError):
             self._metrics.model_ready.remove(name)
+        self._budget.forget(name)
+        self._metrics.memory_used.set(self._budget.used)
         if slot.active is not None:
+            self._metrics.model_unloads.labels(name, reason).inc()
+            log.info("model %s v%s unloaded (%s API) and no longer served", name, slot.active.version, reason)
             await self._retire(slot.active)
 
-    async def _retire(self, old: ActiveVersion) -> None:
+    async def _retire(self, old: ActiveVersion, keep_files: bool = False) -> None:
         """Drain an old version's queued requests, free it, drop its per-version gauges, and delete its
-        downloaded files unless another served model answers from the same source."""
+        downloaded files unless another served model answers from the same source (or ``keep_files``:
+        an unloaded model's files stay for its next load)."""
         await old.close()
-        ref = old.model.ref
-        if not any(
-            s.active is not None and s.active.model.ref.source == ref.source for s in self._slots.values()
-        ):
-            try:
-                await asyncio.to_thread(self._registry.discard, ref)
-            except Exception:
-                log.exception(
-                    "model %s v%s: could not delete its downloaded files", old.model.name, ref.version
-                )
+        if not keep_files:
+            await self._discard_unused(old.model.ref)
         name, version = old.model.name, old.version
         with contextlib.suppress(KeyError):
             self._metrics.model_info.remove(*old.info_labels)
         for gauge in (self._metrics.queue_rows, self._metrics.queue_capacity_rows):
             with contextlib.suppress(KeyError):
                 gauge.remove(name, version)
+
+    async def _discard_unused(self, ref: ModelRef) -> None:
+        if any(
+            s.active is not None and s.active.model.ref.source == ref.source for s in self._slots.values()
+        ):
+            return
+        try:
+            await asyncio.to_thread(self._registry.discard, ref)
+        except Exception:
+            log.exception("model v%s: could not delete its downloaded files (%s)", ref.version, ref.source)
 
     async def close(self) -> None:
         self.shutting_down = True
@@ -352,17 +524,17 @@ class ModelSet:
                 raise ModelLoadError(f"{where} has shape {list(out.shape)}, the signature says {list(want)}")
 
     # -- queries -----------------------------------------------------------------------------------
-    def active(self, name: str | None) -> ActiveVersion:
-        """The version answering ``name`` (``None``: the default model); 404 if unknown, 503 if not ready."""
+    def _slot(self, name: str | None) -> ModelSlot:
         if name is None:
             if self._default is None:
                 raise ModelNotFound("no model is configured")
             name = self._default
-        slot = self._slots.get(name)
-        if slot is None:
-            raise ModelNotFound(
-                f"model {name!r} is not served; served models: {sorted(self._slots)}", model=name
-            )
+        return self.find(name)
+
+    def active(self, name: str | None) -> ActiveVersion:
+        """The version answering ``name`` (``None``: the default model); 404 if unknown, 503 if not ready."""
+        slot = self._slot(name)
+        name = slot.name
         active = slot.active
         if active is None or slot.state != ModelState.READY:
             raise NotReady(f"model {name!r} is {slot.state}" + (f": {slot.error}" if slot.error else ""))
@@ -385,7 +557,26 @@ class ModelSet:
         return slot
 
     def ready(self) -> bool:
-        return not self.shutting_down and all(s.state == ModelState.READY for s in self._slots.values())
+        """Every model that should be loaded is: not those the memory budget manages, nor unloaded ones."""
+        return not self.shutting_down and all(
+            s.state in (ModelState.READY, ModelState.UNLOADED) or s.on_demand for s in self._slots.values()
+        )
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
+
+
+def _idle(slot: ModelSlot) -> bool:
+    """Whether ``slot`` may be evicted: loaded, no request queued or in flight, no load in progress."""
+    active = slot.active
+    return (
+        slot.state == ModelState.READY
+        and active is not None
+        and slot.users == 0
+        and active.batcher.queued_rows == 0
+        and (slot.loading is None or slot.loading.task.done())
+    )
 
 
 def _clear(slot: ModelSlot, loading: Loading) -> None:

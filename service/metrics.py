@@ -175,6 +175,31 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "ferry_model_loads_total",
+            "Model versions loaded and serving, by why: startup, first_request (loaded on demand under "
+            "the memory budget), reload (alias moved, or a failed load retried), admin, repository.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "ferry_model_unloads_total",
+            "Models unloaded while still served, by why: evicted (least recently used idle model, to "
+            "make room in the memory budget), repository, admin.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.memory_used = Gauge(
+            "ferry_memory_used_bytes",
+            "Bytes of the loaded and loading models against FERRY_MEMORY__BUDGET_BYTES, each measured "
+            "as its files on disk (0 without a budget: sizes are measured only under one).",
+            registry=r,
+        )
+        self.memory_budget = Gauge(
+            "ferry_memory_budget_bytes",
+            "FERRY_MEMORY__BUDGET_BYTES: bytes the loaded models may take (0: no budget).",
+            registry=r,
+        )
         self.model_info = Gauge(
             "ferry_model_info",
             "Always 1; labels describe the loaded model version.",

@@ -104,18 +104,19 @@ class Pipeline:
         The cache works per request: the key covers every row, so a repeat of the same request is a
         hit. Identical requests in flight at once run the model once."""
         started = time.perf_counter()
-        active = self.models.active(call.model)
-        try:
-            return await self._answer(call, active, started)
-        except NotReady:
-            # A swap retired the version chosen above before the request reached its queue (its
-            # batcher refuses new rows while it drains): the version that replaced it answers.
-            if not active.batcher.closing:
-                raise
-            newer = self.models.active(call.model)
-            if newer is active:
-                raise
-            return await self._answer(call, newer, started)
+        # In use until answered: the memory budget never evicts it meanwhile (and loads it if it did).
+        async with self.models.serving(call.model, self._timeout_s) as active:
+            try:
+                return await self._answer(call, active, started)
+            except NotReady:
+                # A swap retired the version chosen above before the request reached its queue (its
+                # batcher refuses new rows while it drains): the version that replaced it answers.
+                if not active.batcher.closing:
+                    raise
+                newer = self.models.active(call.model)
+                if newer is active:
+                    raise
+                return await self._answer(call, newer, started)
 
     async def _answer(self, call: Call, active: ActiveVersion, started: float) -> Answer:
         if call.version is not None and call.version != active.version:

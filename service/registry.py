@@ -443,6 +443,11 @@ class ModelRegistry:
         ``download_dir`` / ``models/NAME/VERSION``, ``runs/RUN/PATH`` or ``content/<digest>``."""
         return Path(ref.path) if ref.path is not None else self._download_dir / _location(ref.source)
 
+    def download(self, name: str, ref: ModelRef) -> Path:
+        """``ref``'s files on this machine, downloaded first unless they are there already (the memory
+        budget measures a model's size on disk before loading it)."""
+        return self._local_copy(name, ref)
+
     def discard(self, ref: ModelRef) -> None:
         """Delete the downloaded copy of ``ref``'s files (a retired version's), so alias moves of a large
         model do not fill the disk. A local model's own directory is never touched."""

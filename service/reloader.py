@@ -7,6 +7,10 @@ is rejected (the old one keeps serving, readiness stays true, ``ferry_model_relo
 line say why) and is retried with exponential backoff; a different version (the alias moved again) is
 tried at once. Models that never loaded are retried the same way. A registry that does not answer is
 logged once per outage and changes nothing.
+
+Under a memory budget it does not fight the budget: an unloaded model is left alone (its next load
+resolves its alias anyway), and a retry of a model that never loaded unloads nothing to make room (it
+stays unloaded until its first request when it does not fit).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 from service.config import ReloadSettings
 from service.errors import FerryError
-from service.lifecycle import ModelSet, ModelSlot
+from service.lifecycle import ModelSet, ModelSlot, ModelState
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 
@@ -63,9 +67,12 @@ class Reloader:
 
     async def check(self, slot: ModelSlot) -> str:
         """Look up ``slot``'s URI once; returns what happened (for tests and logs). A model whose load is
-        in progress (start-up, the admin API) is skipped: that load is the one that counts."""
+        in progress (start-up, the admin API) is skipped: that load is the one that counts, and so is an
+        unloaded model: it follows its alias when it loads next."""
         if self._service.loading(slot.name):
             return "loading"
+        if _unloaded(slot):
+            return "unloaded"
         try:
             ref = await asyncio.to_thread(self._registry.resolve, slot.spec.uri)
         except FerryError as exc:
@@ -85,8 +92,11 @@ class Reloader:
             return "backoff"
         if self._service.loading(slot.name):  # a load began while the registry answered
             return "loading"
+        if _unloaded(slot):  # unloaded while the registry answered
+            return "unloaded"
         try:
-            await self._service.load(slot.name, ref=ref)
+            # A model that never loaded does not push loaded ones out of the memory budget.
+            await self._service.load(slot.name, ref=ref, reason="reload", evict=active is not None)
         except FerryError as exc:
             failures = rejected.failures + 1 if rejected and rejected.version == ref.version else 1
             wait = min(self._settings.max_backoff_s, max(self._settings.poll_s, 1.0) * 2 ** (failures - 1))
@@ -108,3 +118,8 @@ class Reloader:
         previous = f" (was v{active.version})" if active is not None else ""
         log.info("model %s now serves v%s%s", slot.name, ref.version, previous)
         return "swapped"
+
+
+def _unloaded(slot: ModelSlot) -> bool:
+    """Whether no version of ``slot`` is loaded and none should be until it is asked for."""
+    return slot.state == ModelState.UNLOADED

@@ -25,7 +25,7 @@ from service.api import docs, errors
 from service.api.auth import KeyRing
 from service.api.deps import pipeline_of
 from service.api.middleware import FastPath
-from service.api.protocols import PROTOCOLS, codec_routes, ferry, unmetered_paths
+from service.api.protocols import PROTOCOLS, codec_routes, ferry, repository, unmetered_paths
 from service.api.protocols.base import declare
 from service.api.replay import ResponseCache
 from service.api.routes import admin, health
@@ -114,6 +114,7 @@ def create_app(
     if admin_keys is not None:
         app.state.admin_keys = admin_keys
         app.include_router(admin.router)
+        app.include_router(repository.router)  # v2's model repository extension, as protected
     for protocol in PROTOCOLS:
         declare(app, protocol, pipeline_of)
         if protocol is ferry.PROTOCOL and settings.metrics_port is None:

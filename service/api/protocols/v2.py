@@ -1,8 +1,9 @@
 """Open Inference Protocol v2 (KServe, Triton, MLServer clients) under ``/v2``, from the same models.
 
 Health, server and model metadata, model readiness and inference, with the binary tensor data
-extension. A version in the path must be the loaded one (404 naming it otherwise). Errors are the
-protocol's ``{"error": "..."}``; input that does not match the model is 400, as KServe and Triton answer.
+extension (the model repository extension is ``repository.py``). A version in the path must be the
+loaded one (404 naming it otherwise). Errors are the protocol's ``{"error": "..."}``; input that does
+not match the model is 400, as KServe and Triton answer.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ if TYPE_CHECKING:
 PLATFORMS = {"onnx": "onnxruntime_onnx", "pytorch": "mlflow_pytorch", "pyfunc": "mlflow_pyfunc"}
 """The ``platform`` of a model's metadata, by MLflow flavor."""
 EXTENSIONS = ["binary_tensor_data"]
+REPOSITORY = "model_repository"
+"""The repository extension (``repository.py``): advertised when mounted, with the admin API."""
 _HEADER = "inference-header-content-length"
 _TRANSPORT = frozenset({"binary_data_output"})
 """Request parameters about the response's encoding: not model parameters, not part of the cache key."""
 
 
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "ferry", "version": __version__, "extensions": EXTENSIONS}
+async def server_metadata(request: Request) -> dict[str, Any]:
+    repository = getattr(request.app.state, "admin_keys", None) is not None
+    return {"name": "ferry", "version": __version__, "extensions": EXTENSIONS + [REPOSITORY] * repository}
 
 
 async def server_live() -> dict[str, bool]:

@@ -46,7 +46,7 @@ async def load_model(request: Request, name: str, body: LoadModel, models: Model
 @router.post("/models/{name}/reload", summary="Resolve the model's URI again and swap in its version")
 async def reload_model(request: Request, name: str, models: Models) -> dict[str, Any]:
     models.find(name)
-    return describe(await models.load(name), _batch(request))
+    return describe(await models.load(name, reason="admin"), _batch(request))
 
 
 @router.delete("/models/{name}", status_code=204, summary="Stop serving a model")
