@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     """TCP port to listen on (0: any free port)."""
     metrics_port: Annotated[int, Field(gt=0, le=65535)] | None = None
     """Serve ``/metrics`` and ``/health/*`` on this port instead of ``port`` (unset: on ``port``)."""
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Also serve the Open Inference Protocol over gRPC on this port, on ``host`` (0: any free port;
+    unset: no gRPC)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level."""
     log_format: Literal["text", "json"] = "text"

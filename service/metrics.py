@@ -143,6 +143,13 @@ class Metrics:
         )
         for reason in HTTP_REJECT_REASONS:  # exported at 0 from the start, so rates see the first one
             self.http_rejected.labels(reason)
+        self.grpc_requests = Counter(
+            "ferry_grpc_requests_total",
+            "gRPC calls answered (FERRY_GRPC_PORT), by method of inference.GRPCInferenceService and "
+            "status code (OK, INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE...).",
+            ["method", "code"],
+            registry=r,
+        )
         self.failures = Counter(
             "ferry_inference_failures_total",
             "Model calls that raised; every request of the batch got a 500.",

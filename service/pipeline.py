@@ -65,6 +65,9 @@ class Call:
     """Cache policy: ``None``, ``no-cache`` (skip the lookup, store the answer) or ``no-store`` (neither)."""
     gone: Probe | None = None
     """Turns true once the client has hung up (``None``: cannot tell): its queued rows are dropped."""
+    deadline: float | None = None
+    """The client's own deadline, in ``time.monotonic()`` seconds (gRPC's); ``None``: it set none. The
+    request waits for its rows until the earlier of it and ``FERRY_BATCH__TIMEOUT_MS``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,7 @@ class Pipeline:
             if outputs is not None:
                 tier = "hit"
         if outputs is None:
-            outputs = await self._compute(active, decoded, key, call.gone)
+            outputs = await self._compute(active, decoded, key, call.gone, call.deadline)
         active.metrics.total_s.observe(time.perf_counter() - started)
         active.metrics.answered(call.protocol, rows)
         ttl = cache.ttl_s(name) if key is not None and cache is not None and call.cache is None else None
@@ -173,14 +176,19 @@ class Pipeline:
         )
 
     async def _compute(
-        self, active: ActiveVersion, decoded: Decoded, key: bytes | None, gone: Probe | None
+        self,
+        active: ActiveVersion,
+        decoded: Decoded,
+        key: bytes | None,
+        gone: Probe | None,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
         """The model's outputs through the batcher; with a cache key, once for identical calls in flight
         and stored."""
         if key is None:
-            return await self._run(active, decoded, gone)
+            return await self._run(active, decoded, gone, deadline)
         computed: dict[str, np.ndarray] = await active.flights.run(
-            key, lambda all_gone: self._run(active, decoded, all_gone), gone
+            key, lambda all_gone: self._run(active, decoded, all_gone, deadline), gone
         )
         cache = self._cache
         assert cache is not None
@@ -190,12 +198,15 @@ class Pipeline:
         return computed
 
     async def _run(
-        self, active: ActiveVersion, decoded: Decoded, gone: Probe | None
+        self, active: ActiveVersion, decoded: Decoded, gone: Probe | None, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         m = active.metrics
+        timeout_s = self._timeout_s
+        if deadline is not None:
+            timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic()))
         try:
             result = await active.batcher.submit(
-                decoded.arrays, decoded.rows, self._timeout_s, decoded.params, gone
+                decoded.arrays, decoded.rows, timeout_s, decoded.params, gone
             )
         except Overloaded:
             m.overload.inc()

@@ -67,6 +67,13 @@ def create_app(
             stack.push_async_callback(pipeline.close)
             stack.push_async_callback(models.close)
             app.state.pipeline = pipeline
+            if settings.grpc_port is not None:  # the same pipeline over gRPC; stopped (drained) first
+                from service.grpc.server import GrpcServer
+
+                grpc_server = GrpcServer(settings, pipeline, metrics)
+                await grpc_server.start()
+                stack.push_async_callback(grpc_server.stop)
+                app.state.grpc_server = grpc_server
             loading = asyncio.create_task(_start(models), name="load-models")
             stack.push_async_callback(_cancel, loading)
             if settings.reload.poll_s > 0:

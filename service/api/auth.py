@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request
 from pydantic import SecretStr
@@ -34,7 +35,11 @@ class KeyRing:
 
     def check(self, request: Request) -> None:
         """Raise ``Unauthorized`` unless the request carries one of the keys."""
-        presented = self._presented(request)
+        self.check_headers(request.headers)
+
+    def check_headers(self, headers: Mapping[str, str]) -> None:
+        """``check`` on headers with lower-case names (HTTP's, or a gRPC call's metadata)."""
+        presented = self._presented(headers)
         ok = False
         if presented is not None:
             candidate = digest(presented)
@@ -43,11 +48,11 @@ class KeyRing:
         if not ok:
             raise Unauthorized("missing or invalid credentials")
 
-    def _presented(self, request: Request) -> str | None:
-        authorization = request.headers.get("authorization", "")
+    def _presented(self, headers: Mapping[str, str]) -> str | None:
+        authorization = headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         if self._header:
-            return request.headers.get("x-api-key") or None
+            return headers.get("x-api-key") or None
         return None
