@@ -157,7 +157,7 @@ def _inputs(request: Any, raw: bool) -> tuple[list[dict[str, Any]], memoryview]:
                     f"input {name!r} has contents while the request sends raw_input_contents", input=name
                 )
             blob = request.raw_input_contents[index]
-        elif not typed:
+        elif not typed and (datatype in CONTENTS or datatype == "FP16"):
             raise InvalidInput(f"input {name!r} has neither contents nor raw_input_contents", input=name)
         else:
             blob = _typed(name, datatype, tensor.contents, entry)

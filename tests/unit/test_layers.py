@@ -40,8 +40,9 @@ LAYERS: dict[str, int] = {
     "service.lifecycle": 2,
     "service.pipeline": 2,
     "service.reloader": 2,
-    # L3: HTTP
+    # L3: HTTP, and gRPC (the same protocols' codecs and checks)
     "service.api": 3,
+    "service.grpc": 3,
     # L4: entry points
     "service.cli": 4,
     "service.check": 4,
