@@ -293,6 +293,39 @@ def steps(workflow: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(job_id, step) for job_id, job in workflow["jobs"].items() for step in job.get("steps", [])]
 
 
+def needs(job: dict[str, Any]) -> list[str]:
+    """A job's ``needs`` as a list (YAML allows one string)."""
+    value = job.get("needs", [])
+    return [value] if isinstance(value, str) else list(value)
+
+
+def upstream(workflow: dict[str, Any], job_id: str) -> set[str]:
+    """Every job ``job_id`` waits for, directly or through the jobs it needs."""
+    seen: set[str] = set()
+    todo = needs(workflow["jobs"][job_id])
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(needs(workflow["jobs"][current]))
+    return seen
+
+
+_SECRET_REF = re.compile(r"\bsecrets\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def secrets_used(node: Any) -> set[str]:
+    """The names of every ``secrets.NAME`` in the expressions of a workflow fragment."""
+    return set(_SECRET_REF.findall(yaml.safe_dump(node, width=10_000)))
+
+
+def step_named(job: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The one step of ``job`` whose name starts with ``prefix``."""
+    found = [s for s in job.get("steps", []) if str(s.get("name", "")).startswith(prefix)]
+    assert len(found) == 1, f"expected one step named {prefix!r}..., found {len(found)}"
+    return found[0]
+
+
 # Kustomize -----------------------------------------------------------------------------------------
 
 

@@ -24,18 +24,22 @@ from delivery_support import (
     ROOT,
     WORKFLOWS_DIR,
     load_yaml,
+    needs,
     run,
+    secrets_used,
+    step_named,
     steps,
     tool,
     triggers,
+    upstream,
     workflow_files,
 )
 
 WORKFLOWS = {p.name: p for p in workflow_files()}
-EXPECTED = {"ci.yml", "docker.yml", "deploy.yml", "rollback.yml"}
+EXPECTED = {"ci.yml", "docker.yml", "deploy.yml", "rollback.yml", "promote.yml", "model-rollback.yml"}
 
 
-def test_the_four_workflows_exist() -> None:
+def test_the_workflows_exist() -> None:
     assert set(WORKFLOWS) >= EXPECTED
 
 
@@ -362,3 +366,343 @@ def test_the_perf_baseline_comes_from_a_push_to_main_only() -> None:
     for step in steps:
         lookup = next(line for line in step["run"].splitlines() if "gh run list" in line)
         assert "--branch main" in lookup and "--event push" in lookup and "--status success" in lookup
+
+
+# The release path: CI first, secrets passed, smoke inputs ---------------------------------------------
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nothing_is_signed_tagged_or_deployed_before_ci_passed_on_the_commit() -> None:
+    """docker.yml's gate waits for ci.yml on this very SHA pushed to main; every job that tags, signs
+    or deploys waits for the gate (a v* tag included: the gate does not look at the ref)."""
+    docker = load_yaml(WORKFLOWS["docker.yml"])
+    gate = docker["jobs"]["ci-passed"]
+    assert gate["permissions"] == {"contents": "read", "actions": "read"}
+    assert "if" not in gate, "the gate runs for main and for tags alike"
+    command = step_named(gate, "Wait for ci.yml").get("run", "")
+    assert "deploy/await_ci.py" in command
+    assert '--sha "$GITHUB_SHA"' in command and "--workflow ci.yml" in command and "--branch main" in command
+    # The workflow it waits for is the one that runs every check on pushes to main.
+    ci = load_yaml(WORKFLOWS["ci.yml"])
+    assert triggers(ci)["push"]["branches"] == ["main"]
+    signing = [
+        job_id
+        for job_id, job in docker["jobs"].items()
+        if "uses" in job or any("cosign sign" in str(st.get("run", "")) for st in job.get("steps", []))
+    ]
+    assert {"publish", "deploy-staging", "deploy-production"} <= set(signing)
+    for job_id in signing:
+        assert "ci-passed" in upstream(docker, job_id), f"{job_id} does not wait for CI"
+    for job_id in ("deploy-staging", "deploy-production"):
+        assert "ci-passed" in needs(docker["jobs"][job_id])
+    # The gate's timeout covers CI's longest job.
+    assert gate["timeout-minutes"] > max(job["timeout-minutes"] for job in ci["jobs"].values())
+    # A push to main is never cancelled in CI, so the gate never waits for a run that was dropped.
+    assert "pull_request" in ci["concurrency"]["cancel-in-progress"]
+
+
+def test_the_reusable_deploy_workflow_receives_its_secrets_by_name() -> None:
+    deploy = load_yaml(WORKFLOWS["deploy.yml"])
+    declared = triggers(deploy)["workflow_call"]["secrets"]
+    used = secrets_used(deploy["jobs"]) - {"GITHUB_TOKEN"}
+    assert used == set(declared), "every secret deploy.yml reads is declared for its callers, and back"
+    callers = [
+        (name, job_id, job)
+        for name, path in WORKFLOWS.items()
+        for job_id, job in load_yaml(path)["jobs"].items()
+        if job.get("uses") == "./.github/workflows/deploy.yml"
+    ]
+    assert {(n, j) for n, j, _ in callers} == {
+        ("docker.yml", "deploy-staging"),
+        ("docker.yml", "deploy-production"),
+    }
+    for name, job_id, job in callers:
+        passed = job.get("secrets")
+        assert isinstance(passed, dict), f"{name} {job_id}: pass the secrets by name (not inherit, not none)"
+        assert set(passed) == set(declared), f"{name} {job_id}"
+        for key, value in passed.items():
+            assert value == f"${{{{ secrets.{key} }}}}", f"{name} {job_id}: {key}"
+    # The cluster credential is checked before use: an unset secret fails with its name.
+    for name in ("deploy.yml", "rollback.yml"):
+        job = next(iter(load_yaml(WORKFLOWS[name])["jobs"].values()))
+        assert 'KUBE_CONFIG" ] ||' in step_named(job, "Cluster credentials")["run"]
+
+
+@pytest.mark.parametrize("name", ["deploy.yml", "rollback.yml"])
+def test_the_smoke_tests_model_and_input_are_workflow_inputs(name: str) -> None:
+    workflow = load_yaml(WORKFLOWS[name])
+    for trigger in ("workflow_call", "workflow_dispatch"):
+        if trigger not in triggers(workflow):
+            continue
+        inputs = triggers(workflow)[trigger]["inputs"]
+        for key in ("smoke-model", "smoke-input"):
+            assert inputs[key]["type"] == "string" and inputs[key]["required"] is False, (trigger, key)
+    job = next(iter(workflow["jobs"].values()))
+    env = step_named(job, "Smoke test the environment")["env"]
+    # The input first, then the environment's variable, then the demo (smoke.py's own default input).
+    assert env["SMOKE_MODEL"] == "${{ inputs.smoke-model || vars.SMOKE_MODEL || 'tabular-mlp-onnx' }}"
+    assert env["SMOKE_INPUT"] == "${{ inputs.smoke-input || vars.SMOKE_INPUT }}"
+    assert env["SMOKE_API_KEY"] == "${{ secrets.SMOKE_API_KEY }}"
+    # What they fall back to when both are empty: test_smoke_env_sends_the_chosen_model_input_and_key.
+
+
+def _recording(store: list[dict[str, Any]]) -> Handler:
+    def handler(request: BaseHTTPRequestHandler, calls: int) -> tuple[int, dict[str, str], bytes]:
+        if request.path == "/predict":
+            body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+            store.append({"body": body, "auth": request.headers.get("Authorization")})
+            rows = body["inputs"] if isinstance(body["inputs"], list) else next(iter(body["inputs"].values()))
+            payload = {"model": body["model"], "version": "7", "outputs": [[1.0]] * len(rows)}
+            return 200, {"X-Model-Version": "7"}, json.dumps(payload).encode()
+        return _healthy(request, calls + 1)
+
+    return handler
+
+
+def test_smoke_env_sends_the_chosen_model_input_and_key(stub_ferry: Callable[[Handler], str]) -> None:
+    seen: list[dict[str, Any]] = []
+    url = stub_ferry(_recording(seen))
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SMOKE_URL": url,
+        "SMOKE_MODEL": "fraud",
+        "SMOKE_INPUT": '{"x": [[1, 2], [3, 4]]}',
+        "SMOKE_API_KEY": "k-123",
+    }
+    import subprocess
+
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "smoke-env.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert seen == [{"body": {"model": "fraud", "inputs": {"x": [[1, 2], [3, 4]]}}, "auth": "Bearer k-123"}]
+    # Unset, they fall back to the demo: tabular-mlp-onnx and one row of 64 zeros, no key.
+    seen.clear()
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "smoke-env.sh")],
+        env={"PATH": "/usr/bin:/bin", "SMOKE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert seen == [{"body": {"model": "tabular-mlp-onnx", "inputs": [[0.0] * 64]}, "auth": None}]
+
+
+def test_smoke_script_checks_the_row_count_and_refuses_a_bad_input(
+    stub_ferry: Callable[[Handler], str],
+) -> None:
+    smoke = _smoke_module()
+    url = stub_ferry(_recording([]))
+    assert smoke.main([url, "--timeout", "30", "--input", "[[1], [2], [3]]"]) == 0
+    for bad in ("[]", "not json", '{"a": [[1]], "b": [[1], [2]]}', "3"):
+        assert smoke.main([url, "--timeout", "30", "--input", bad]) == 2, bad
+
+    def one_row_short(request: BaseHTTPRequestHandler, calls: int) -> tuple[int, dict[str, str], bytes]:
+        if request.path == "/predict":
+            request.rfile.read(int(request.headers["Content-Length"]))
+            return 200, {}, json.dumps({"model": "m", "version": "1", "outputs": [[1.0]]}).encode()
+        return _healthy(request, calls + 1)
+
+    assert smoke.main([stub_ferry(one_row_short), "--model", "m", "--input", "[[1], [2]]"]) == 1
+
+
+def test_smoke_script_names_the_missing_api_key(
+    stub_ferry: Callable[[Handler], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    def locked(request: BaseHTTPRequestHandler, calls: int) -> tuple[int, dict[str, str], bytes]:
+        if request.path == "/predict":
+            return 401, {}, b'{"error": {"code": "unauthorized"}}'
+        return _healthy(request, calls + 1)
+
+    assert _smoke_module().main([stub_ferry(locked), "--timeout", "30"]) == 1
+    assert "SMOKE_API_KEY" in capsys.readouterr().out
+
+
+# deploy/await_ci.py against a stand-in GitHub API ------------------------------------------------------
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _github(runs_by_call: list[list[dict[str, Any]]], asked: list[str]) -> Handler:
+    """GitHub's workflow-runs endpoint answering the n-th look with ``runs_by_call[n]`` (the last one
+    repeated)."""
+
+    def handler(request: BaseHTTPRequestHandler, calls: int) -> tuple[int, dict[str, str], bytes]:
+        asked.append(request.path)
+        if not request.path.startswith("/repos/o/r/actions/workflows/ci.yml/runs?"):
+            return 404, {}, b"{}"
+        if request.headers.get("Authorization") != "Bearer t0ken":
+            return 401, {}, b'{"message": "Bad credentials"}'
+        found = runs_by_call[min(calls, len(runs_by_call)) - 1]
+        return 200, {}, json.dumps({"total_count": len(found), "workflow_runs": found}).encode()
+
+    return handler
+
+
+def _run(status: str, conclusion: str | None, sha: str = SHA, branch: str = "main") -> dict[str, Any]:
+    return {
+        "status": status,
+        "conclusion": conclusion,
+        "head_sha": sha,
+        "head_branch": branch,
+        "html_url": f"https://github.com/o/r/actions/runs/{status}",
+    }
+
+
+def _await(url: str, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+    monkeypatch.setenv("GH_TOKEN", "t0ken")
+    module = _load(DEPLOY / "await_ci.py", "ferry_await_ci")
+    args = ["--repo", "o/r", "--sha", SHA, "--api-url", url, "--interval", "0.05", *extra]
+    return int(module.main(args))
+
+
+def test_ci_gate_waits_for_a_run_in_progress_then_passes(
+    stub_ferry: Callable[[Handler], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+    sequence = [[], [_run("queued", None)], [_run("in_progress", None)], [_run("completed", "success")]]
+    assert _await(stub_ferry(_github(sequence, asked)), monkeypatch, "--appear-timeout", "30") == 0
+    assert len(asked) == 4
+    assert f"head_sha={SHA}" in asked[0] and "event=push" in asked[0] and "branch=main" in asked[0]
+
+
+@pytest.mark.parametrize(
+    ("found", "why"),
+    [
+        ([_run("completed", "failure")], "failed"),
+        ([_run("completed", "cancelled")], "cancelled"),
+        ([], "no run of ci.yml appeared"),
+        ([_run("completed", "success", sha="f" * 40)], "another commit's success"),
+        ([_run("completed", "success", branch="feature")], "a success on another branch"),
+    ],
+)
+def test_ci_gate_fails_without_a_successful_run_on_this_commit_on_main(
+    found: list[dict[str, Any]],
+    why: str,
+    stub_ferry: Callable[[Handler], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = stub_ferry(_github([found], []))
+    assert _await(url, monkeypatch, "--appear-timeout", "0.2", "--timeout", "5") == 1, why
+
+
+def test_ci_gate_gives_up_after_its_timeout_and_on_api_errors(
+    stub_ferry: Callable[[Handler], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = stub_ferry(_github([[_run("in_progress", None)]], []))
+    assert _await(url, monkeypatch, "--timeout", "0.3") == 1
+    monkeypatch.setenv("GH_TOKEN", "wrong")
+    module = _load(DEPLOY / "await_ci.py", "ferry_await_ci")
+    assert module.main(["--repo", "o/r", "--sha", SHA, "--api-url", url]) == 1
+    assert module.main(["--repo", "o/r", "--sha", "main", "--api-url", url]) == 2
+
+
+# Model promotion and rollback --------------------------------------------------------------------------
+
+
+def _promote_commands() -> set[str]:
+    """The subcommands scripts/promote.py accepts (from its own parser)."""
+    module = _load(ROOT / "scripts" / "promote.py", "ferry_promote")
+    parser = module.parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return set(sub.choices)
+
+
+def _promote_calls(workflow: dict[str, Any]) -> list[str]:
+    return re.findall(r"scripts/promote\.py\s+\"?([a-z-]+)", _runs(workflow))
+
+
+def test_promote_checks_in_staging_then_waits_for_approval_then_moves_champion() -> None:
+    promote = load_yaml(WORKFLOWS["promote.yml"])
+    assert set(triggers(promote)) == {"workflow_dispatch"}
+    inputs = triggers(promote)["workflow_dispatch"]["inputs"]
+    assert inputs["model"]["required"] is True and inputs["version"]["required"] is True
+    assert "data" in inputs
+    check, champion = promote["jobs"]["check"], promote["jobs"]["champion"]
+    assert check["environment"]["name"] == "staging"
+    assert champion["environment"]["name"] == "production", "production's required reviewers approve"
+    assert needs(champion) == ["check"]
+    names = [st.get("name", "") for st in check["steps"]]
+    gate = names.index("ferry check against staging's @champion")
+    assert (
+        gate < names.index("@challenger in staging") < names.index("Export the version's files and metadata")
+    )
+    command = check["steps"][gate]["run"]
+    assert '.venv/bin/ferry check "${args[@]}"' in command
+    assert 'args=("models:/$MODEL/$VERSION" --report reports/check)' in command
+    assert "args+=(--against champion)" in command and 'args+=(--data "$DATA")' in command
+    assert 'has-alias "$MODEL" champion' in command
+    # ferry check's policy failure stops the job: no `|| true`, no continue-on-error.
+    assert "|| true" not in command and not check["steps"][gate].get("continue-on-error")
+    champion_run = step_named(champion, "@champion in production")["run"]
+    assert 'promote.py champion "$RUNNER_TEMP/export" --name "$MODEL"' in champion_run
+    uploads = [st for st in check["steps"] if "upload-artifact@" in str(st.get("uses", ""))]
+    downloads = [st for st in champion["steps"] if "download-artifact@" in str(st.get("uses", ""))]
+    assert (
+        "promotion-export" in {u["with"]["name"] for u in uploads}
+        and downloads[0]["with"]["name"] == "promotion-export"
+    )
+    for job in (check, champion):
+        slack = step_named(job, "Notify Slack")
+        assert slack["if"] == "always()" and 'no SLACK_WEBHOOK_URL: not notifying"; exit 0' in slack["run"]
+        for step in job["steps"]:
+            if "promote.py" in str(step.get("run", "")) or "ferry check" in str(step.get("run", "")):
+                assert step["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+
+
+def test_model_rollback_moves_champion_back_in_production() -> None:
+    rollback = load_yaml(WORKFLOWS["model-rollback.yml"])
+    assert set(triggers(rollback)) == {"workflow_dispatch"}
+    assert set(triggers(rollback)["workflow_dispatch"]["inputs"]) == {"model", "to"}
+    job = rollback["jobs"]["rollback"]
+    assert job["environment"]["name"] == "production"
+    assert _promote_calls(rollback) == ["rollback", "rollback"]
+    assert 'rollback "$MODEL" --to "$TO"' in step_named(job, "Move @champion back")["run"]
+    assert step_named(job, "Notify Slack")["if"] == "always()"
+    promote = load_yaml(WORKFLOWS["promote.yml"])
+    assert rollback["concurrency"] == promote["concurrency"], "never a rollback during a promotion"
+
+
+def test_workflows_call_only_subcommands_promote_py_has() -> None:
+    calls = {
+        c
+        for name in ("promote.yml", "model-rollback.yml")
+        for c in _promote_calls(load_yaml(WORKFLOWS[name]))
+    }
+    assert calls == {"has-alias", "challenger", "export", "champion", "rollback"}
+    assert calls <= _promote_commands()
+
+
+def test_ferry_check_takes_the_arguments_promote_yml_passes() -> None:
+    """``ferry check`` is another part of the issue; once it is a subcommand, its help must name every
+    option promote.yml passes."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "check", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "invalid choice: 'check'" in done.stderr:
+        pytest.skip("ferry check has not landed yet (service/check)")
+    assert done.returncode == 0, done.stderr
+    for option in ("--against", "--data", "--report"):
+        assert option in done.stdout, option
