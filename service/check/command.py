@@ -221,12 +221,13 @@ class _Run:
             return self._fail("predict", f"the candidate fails on {source}: {exc.message}")
         result["candidate"] |= self._describe(candidate, mine, labels)
         if against is not None:
-            for name, array in mine.items():
-                other = theirs.get(name)
-                if other is not None and measure.shapes_match(array, other):
-                    result["agreement"][name] = measure.compare(
-                        array, other, rtol=self.policy.rtol, atol=self.policy.atol
-                    )
+            for name, other_name in _pairs(list(mine), list(theirs)):
+                array, other = mine[name], theirs[other_name]
+                if measure.shapes_match(array, other):
+                    agreement = measure.compare(array, other, rtol=self.policy.rtol, atol=self.policy.atol)
+                    if other_name != name:
+                        agreement["compared_output"] = other_name
+                    result["agreement"][name] = agreement
         try:
             await self._latency(candidate, candidate_inputs, against, against_inputs)
         except FerryError as exc:
@@ -346,6 +347,17 @@ class _Run:
             raise UsageError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
         print(summary(result, files))
         return 0 if result["passed"] else 1
+
+
+def _pairs(mine: list[str], theirs: list[str]) -> list[tuple[str, str]]:
+    """Which output of the compared version each candidate output is compared with: the one of the same
+    name; when the names differ but the two have as many outputs, the one in the same position (an
+    export that renamed ``output`` to ``logits`` is still compared, and the outputs check names the
+    rename)."""
+    same = [(n, n) for n in mine if n in theirs]
+    if len(same) < len(mine) and len(mine) == len(theirs):
+        return list(zip(mine, theirs, strict=True))
+    return same
 
 
 def _rss() -> int | None:

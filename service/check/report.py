@@ -110,7 +110,7 @@ def markdown(result: dict[str, Any]) -> str:
         for name, a in result["agreement"].items():
             q = a.get("abs_diff_quantiles", {})
             lines.append(
-                f"| `{name}` | {a['kind']} | {a['rows']} | {a['agreement']:.4%} "
+                f"| `{name}`{_renamed(a)} | {a['kind']} | {a['rows']} | {a['agreement']:.4%} "
                 f"| {_num(a.get('max_abs_diff'))} | {_num(a.get('mean_abs_diff'))} "
                 f"| {_num(q.get('p50'))} | {_num(q.get('p90'))} "
                 f"| {_num(q.get('p99'))} |"
@@ -169,6 +169,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"Columns of the data the candidate does not take (left out): {data['ignored_columns']}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _renamed(agreement: dict[str, Any]) -> str:
+    other = agreement.get("compared_output")
+    return f" (compared: `{other}`)" if other else ""
 
 
 def _cell(value: Any) -> str:
@@ -242,7 +247,8 @@ def summary(result: dict[str, Any], files: list[Path]) -> str:
     )
     for name, a in result.get("agreement", {}).items():
         diff = f", max |diff| {_num(a['max_abs_diff'])}" if "max_abs_diff" in a else ""
-        lines.append(f"agreement {name}: {a['agreement']:.2%} ({a['kind']}{diff})")
+        other = f" with {a['compared_output']}" if a.get("compared_output") else ""
+        lines.append(f"agreement {name}{other}: {a['agreement']:.2%} ({a['kind']}{diff})")
     if candidate.get("accuracy") is not None:
         theirs = (
             f" (compared {against['accuracy']:.4f})"

@@ -325,3 +325,12 @@ def test_a_report_without_a_compared_version(tmp_path: Path) -> None:
     assert "only the candidate's own checks ran" in markdown(result)
     assert "compared" not in latency_svg(result)
     assert "(nothing to compare)" in summary(result, [])
+
+
+def test_outputs_pair_by_name_else_by_position() -> None:
+    from service.check.command import _pairs
+
+    assert _pairs(["a", "b"], ["b", "a"]) == [("a", "a"), ("b", "b")]
+    assert _pairs(["logits"], ["output"]) == [("logits", "output")]  # renamed by an export: still compared
+    assert _pairs(["a", "c"], ["a"]) == [("a", "a")]
+    assert _pairs(["x"], ["y", "z"]) == []
