@@ -143,6 +143,8 @@ class ModelSet:
         if len(set(names)) != len(names):
             raise ConfigurationError(f"model names must be unique, got {names}")
         self._slots: dict[str, ModelSlot] = {s.name: ModelSlot(s) for s in specs}
+        for name in names:
+            metrics.model_served(name)
         default = settings.default_model or (names[0] if names else None)
         if default is not None and default not in self._slots:
             raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
@@ -405,6 +407,7 @@ class ModelSet:
         if spec.name in self._slots:
             return await self.load(spec.name, spec.uri, reason=reason)
         self._slots[spec.name] = ModelSlot(spec)
+        self._metrics.model_served(spec.name)
         if self._default is None:
             self._default = spec.name
         return await self.load(spec.name, reason=reason)

@@ -43,6 +43,9 @@ STAGES = ("queue", "compute", "total")
 REJECT_REASONS = ("overload", "timeout", "invalid_input", "client_gone")
 HTTP_REJECT_REASONS = ("concurrency", "header_timeout", "header_size", "body_timeout")
 """Why the HTTP layer refused a request before any model saw it (``ferry_http_rejected_total``)."""
+LOAD_REASONS = ("startup", "first_request", "reload", "admin", "repository")
+UNLOAD_REASONS = ("evicted", "repository", "admin")
+"""Why a model was loaded or unloaded (``ferry_model_loads_total``, ``ferry_model_unloads_total``)."""
 
 
 class Metrics:
@@ -274,6 +277,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+
+    def model_served(self, name: str) -> None:
+        """Export ``name``'s load and unload counters at 0 for every reason, so rates see the first one."""
+        for reason in LOAD_REASONS:
+            self.model_loads.labels(name, reason)
+        for reason in UNLOAD_REASONS:
+            self.model_unloads.labels(name, reason)
 
     def observe_http(
         self, handler: str, method: str, status: int, seconds: float, request_bytes: int, response_bytes: int

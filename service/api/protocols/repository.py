@@ -4,7 +4,8 @@ and ``tritonclient`` call), under ``/v2/repository``: list every model Ferry kno
 Mounted only with ``FERRY_ADMIN_TOKEN`` set (404 otherwise, like ``/admin``), behind the same bearer
 token; the token is checked before any of the body is read (no body parameter: FastAPI reads nothing
 before the dependency). Loading and unloading are the admin API's own ``ModelSet`` calls, so a load
-waits until the model is ready (200, empty body, as Triton answers) or failed (the error names why).
+waits until the model is ready (200, empty body, as Triton answers) or failed (the error names why; a
+model Ferry did not serve before is then not kept, so it cannot hold readiness back).
 Errors are v2's ``{"error": "..."}``: 400 for a malformed body, 401, 404 for a model Ferry does not know,
 503 ``over_budget`` when the model does not fit the memory budget.
 
@@ -18,6 +19,7 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +30,7 @@ from fastapi.responses import Response
 from service.api.deps import models_of
 from service.api.jsonbody import loads_object
 from service.api.routes.admin import require_admin
-from service.errors import BadRequest
+from service.errors import BadRequest, FerryError, ModelNotFound
 from service.lifecycle import ModelSlot, ModelState
 
 _LOAD_PARAMETERS = frozenset({"uri", "config"})
@@ -74,8 +76,15 @@ async def load(request: Request, name: str) -> Response:
     if uri is None:
         models.find(name)  # 404 naming it: without a URI Ferry cannot know where it is
         await models.load(name, reason="repository")
-    else:
+        return Response(status_code=200)
+    new = all(slot.name != name for slot in models.slots())
+    try:
         await models.add(name, uri, reason="repository")
+    except FerryError:
+        if new:  # a model that never loaded is not kept: it would hold readiness back
+            with contextlib.suppress(ModelNotFound):
+                await models.remove(name, reason="repository")
+        raise
     return Response(status_code=200)
 
 
