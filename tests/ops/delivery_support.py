@@ -36,7 +36,10 @@ UID = 10001
 """The images' fixed non-root user and group."""
 PORT = 8000
 """The port Ferry listens on inside every container."""
-SERVE_CMD = ["ferry", "serve", "--host", "0.0.0.0", "--port", str(PORT)]
+GRPC_PORT = 8001
+"""The images' gRPC port (FERRY_GRPC_PORT), Triton's."""
+SERVE_CMD = ["ferry", "serve"]
+"""The images' CMD: no flags, the host and ports come from their ENV (a flag would override FERRY_PORT)."""
 
 
 # Tools ---------------------------------------------------------------------------------------------

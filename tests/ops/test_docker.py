@@ -4,12 +4,18 @@ build context, and the CPU image's install path being the one `make` runs."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
+import procs
 import pytest
+import tritonclient.grpc
 
+from conftest import Registry, free_port, stop_server, wait_until_ready
 from delivery_support import (
     DOCKERFILES,
     DOCKERIGNORE,
+    GRPC_PORT,
     PORT,
     ROOT,
     UID,
@@ -17,6 +23,7 @@ from delivery_support import (
     dockerignore_rules,
     final_stage_problems,
     in_context,
+    json_form,
     parse_dockerfile,
     run,
     tool,
@@ -44,7 +51,53 @@ def test_final_stage_uses_the_fixed_uid_and_exposes_the_port(variant: str) -> No
     user = df.effective(final, "USER")
     assert user is not None and user.value == f"{UID}:{UID}"
     assert any(f"--uid {UID}" in i.value and f"--gid {UID}" in i.value for i in final.all("RUN"))
-    assert [i.value for i in final.all("EXPOSE")] == [str(PORT)]
+    assert [i.value for i in final.all("EXPOSE")] == [f"{PORT} {GRPC_PORT}"]
+    env = df.env(final)
+    assert (env.get("FERRY_HOST"), env.get("FERRY_PORT"), env.get("FERRY_GRPC_PORT")) == (
+        "0.0.0.0",
+        str(PORT),
+        str(GRPC_PORT),
+    )
+
+
+@pytest.mark.integration
+def test_the_image_s_command_listens_where_ferry_port_says(registry: Registry, tmp_path: Path) -> None:
+    """The shipped CMD with the image's ENV, FERRY_PORT and FERRY_GRPC_PORT moved (FERRY_HOST kept on
+    loopback here): Ferry listens on both, and the HEALTHCHECK's own command finds it. A `--port` in the
+    CMD would win over FERRY_PORT and this would hang at the old port."""
+    df = dockerfile("cpu")
+    final = df.stages[-1]
+    cmd, health = df.effective(final, "CMD"), df.effective(final, "HEALTHCHECK")
+    assert cmd is not None and health is not None
+    http, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in procs.venv_env().items() if not k.startswith(("FERRY_", "MLFLOW_"))}
+    env |= {k: v for k, v in df.env(final).items() if k.startswith("FERRY_")} | registry.env()
+    env |= {
+        "FERRY_HOST": "127.0.0.1",
+        "FERRY_PORT": str(http),
+        "FERRY_GRPC_PORT": str(grpc_port),
+        "FERRY_MODELS": "linear-onnx=models:/linear-onnx@champion",
+        "FERRY_DOWNLOAD_DIR": str(tmp_path / "downloads"),
+        "FERRY_SHUTDOWN__GRACE_S": "0",
+    }
+    server = procs.launch(
+        "ferry",
+        json_form(cmd.value),
+        tmp_path / "ferry.log",
+        url=f"http://127.0.0.1:{http}",
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        wait_until_ready(server)
+        check = json_form(health.value.split("CMD", 1)[1].strip())
+        assert check is not None
+        assert subprocess.run(check, env=env, timeout=30, check=False).returncode == 0
+        client = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_live() and client.is_model_ready("linear-onnx")
+        client.close()
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from delivery_support import (
     DEPLOY,
     DOCKERFILES,
     OVERLAYS,
+    GRPC_PORT,
     PORT,
     ROOT,
     SERVE_CMD,
@@ -218,7 +219,8 @@ def test_the_port_is_the_same_everywhere() -> None:
         df = dockerfile(variant)
         cmd = df.effective(df.stages[-1], "CMD")
         assert cmd is not None and json_form(cmd.value) == SERVE_CMD
-        assert [i.value for i in df.stages[-1].all("EXPOSE")] == [str(PORT)]
+        assert [i.value for i in df.stages[-1].all("EXPOSE")] == [f"{PORT} {GRPC_PORT}"]
+        assert df.env(df.stages[-1]).get("FERRY_PORT") == str(PORT)
     for env in OVERLAYS:
         ports = {p["name"]: p["containerPort"] for p in container(env)["ports"]}
         assert ports["http"] == PORT and set(ports) <= {"http", "metrics"}, ports

@@ -29,8 +29,10 @@ from typing import Any
 
 import httpx
 import kubernetes_validate
+import numpy as np
 import procs
 import pytest
+import tritonclient.grpc
 import yaml
 from crd_support import KSERVE, crd, manifests
 
@@ -45,6 +47,7 @@ DEPLOY_KSERVE = ROOT / "deploy" / "kserve"
 RUNTIME_FILE = DEPLOY_KSERVE / "clusterservingruntime.yaml"
 STORAGE_FILE = DEPLOY_KSERVE / "clusterstoragecontainer.yaml"
 ISVC_FILE = DEPLOY_KSERVE / "inferenceservice.yaml"
+GRPC_ISVC_FILE = DEPLOY_KSERVE / "inferenceservice-grpc.yaml"
 STOCK_MLSERVER = KSERVE / "kserve-mlserver.yaml"
 STOCK_STORAGE = KSERVE / "storagecontainer-default.yaml"
 K8S_VERSIONS = ["1.33.0", kubernetes_validate.latest_version()]
@@ -56,6 +59,10 @@ PREDICTOR_CONTAINER = "kserve-container"
 STORAGE_CONTAINER = "storage-initializer"
 DEFAULT_HTTP_PORT = 8080
 """InferenceServiceDefaultHttpPort."""
+GRPC_PORT = 8081
+"""The gRPC (h2c) port of KServe's own model servers (``--grpc_port``'s default, its gRPC docs' examples)."""
+RAW_DEPLOYMENT = {"serving.kserve.io/deploymentMode": "RawDeployment"}
+"""The annotation of KServe's RawDeployment mode (plain Deployments: no Knative, any number of ports)."""
 ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 """IsvcNameFmt."""
 BLOCKED_ENV = {"PYTHONPATH"}
@@ -93,7 +100,9 @@ def isvc_model() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "path", [RUNTIME_FILE, STORAGE_FILE, ISVC_FILE, STOCK_MLSERVER, STOCK_STORAGE], ids=lambda p: p.name
+    "path",
+    [RUNTIME_FILE, STORAGE_FILE, ISVC_FILE, GRPC_ISVC_FILE, STOCK_MLSERVER, STOCK_STORAGE],
+    ids=lambda p: p.name,
 )
 def test_manifests_validate_against_kserve_crds(path: Path) -> None:
     """Ferry's manifests, and KServe's own stock ones (so the conversion is known to accept them)."""
@@ -240,19 +249,45 @@ def test_kserve_admits_the_runtime_beside_the_stock_one() -> None:
     assert "mlflow has two priorities" in admission_problems(clash, [])
 
 
-def test_grpc_v2_is_claimed_only_with_a_grpc_port() -> None:
-    """Ferry has no gRPC server yet: no `grpc-v2` and no h2c port until a FERRY_GRPC_PORT serves one."""
+def merged_ports(
+    runtime_ports: list[dict[str, Any]], isvc_ports: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """MergeRuntimeContainers' strategic merge of ``ports`` (patch merge key ``containerPort``): the
+    runtime's ports, each updated by the InferenceService's port of the same number, then its others."""
+    by_port = {p["containerPort"]: dict(p) for p in runtime_ports}
+    for port in isvc_ports:
+        by_port.setdefault(port["containerPort"], {}).update(port)
+    return list(by_port.values())
+
+
+def test_grpc_v2_is_claimed_with_the_grpc_port_ferry_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime claims grpc-v2 because every pod serves gRPC on FERRY_GRPC_PORT (KServe's 8081); the gRPC
+    example adds that port as h2c, in RawDeployment (Knative's one port stays http1 for REST)."""
     protocols = runtime()["spec"]["protocolVersions"]
-    ports = runtime_container()["ports"]
-    claims_grpc = "grpc-v2" in protocols
-    assert claims_grpc == any(p["name"] == "h2c" for p in ports)
-    if claims_grpc:
-        grpc = next(e["value"] for e in runtime_container()["env"] if e["name"] == "FERRY_GRPC_PORT")
-        assert is_setting("FERRY_GRPC_PORT")
-        assert int(grpc) == next(p["containerPort"] for p in ports if p["name"] == "h2c")
-    else:
-        assert "grpc_port" not in Settings.model_fields, "Ferry serves gRPC now: claim grpc-v2 here"
-    assert "v2" in protocols and set(protocols) <= {"v2", "grpc-v2"}
+    assert protocols == ["v2", "grpc-v2"]
+    assert is_setting("FERRY_GRPC_PORT")
+    settings = runtime_settings("fraud-grpc", monkeypatch)
+    assert settings.grpc_port == GRPC_PORT != settings.port
+    doc = one_doc(GRPC_ISVC_FILE)
+    model = dict(doc["spec"]["predictor"]["model"])
+    assert model["protocolVersion"] == "grpc-v2" and model["modelFormat"] == isvc_model()["modelFormat"]
+    assert doc["metadata"]["annotations"] == RAW_DEPLOYMENT, "two ports: Knative would refuse the pod"
+    runtimes = [one_doc(STOCK_MLSERVER), runtime()]
+    assert supporting_runtimes(runtimes, model) == ["ferry"], "MLServer's runtime claims v2 only"
+    ports = merged_ports(runtime_container()["ports"], model["ports"])
+    assert {p["name"]: p["containerPort"] for p in ports} == {
+        "http1": settings.port,
+        "h2c": settings.grpc_port,
+    }
+    assert all(p["name"] in KNATIVE_PORT_NAMES and p.get("protocol", "TCP") == "TCP" for p in ports)
+
+
+def test_the_port_merge_emulation_can_say_no() -> None:
+    """A port of the same number is updated, not added: an h2c port on 8080 would turn REST's into gRPC's."""
+    runtime_ports = [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert merged_ports(runtime_ports, [{"name": "h2c", "containerPort": 8080}]) == [
+        {"name": "h2c", "containerPort": 8080, "protocol": "TCP"}
+    ]
 
 
 # The runtime in step with Ferry's settings and routes -----------------------------------------------
@@ -387,7 +422,9 @@ def test_readme_says_what_the_runtime_does(monkeypatch: pytest.MonkeyPatch) -> N
         f"{settings.port}",
         "`/health/ready`",
         "`/health/live`",
-        "not `grpc-v2`",
+        "`grpc-v2`",
+        f"{GRPC_PORT}",
+        "`deploy/kserve/inferenceservice-grpc.yaml`",
         f"`protocolVersion: {model['protocolVersion']}`",
     ):
         assert fact in section, f"README's KServe section does not say {fact}"
@@ -595,9 +632,10 @@ def test_a_kserve_pod_on_this_machine(registry: Registry, tmp_path: Path) -> Non
     assert fetched.returncode == 0, fetched.stderr
     assert (mount / "MLmodel").is_file()
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v.replace(MODEL_MOUNT, str(mount)) for k, v in container_env(server).items()}
     env |= {"FERRY_PORT": str(port), "FERRY_HOST": "127.0.0.1", "FERRY_SHUTDOWN__GRACE_S": "0"}
+    env |= {"FERRY_GRPC_PORT": str(grpc_port)}  # free ports here; the runtime's 8080 and 8081 in a pod
     url = f"http://127.0.0.1:{port}"
     ferry = procs.launch(
         "ferry-kserve",
@@ -618,5 +656,10 @@ def test_a_kserve_pod_on_this_machine(registry: Registry, tmp_path: Path) -> Non
         assert answer.json()["outputs"][0]["data"] == [21.0, 21.0, 21.0]  # 2 * (1+2+3+4) + 1
         scrape = httpx.get(f"{url}{runtime()['spec']['annotations']['prometheus.kserve.io/path']}").text
         assert f'ferry_model_ready{{model="{name}"}} 1.0' in scrape
+        grpc_client = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # grpc-v2
+        tensor = tritonclient.grpc.InferInput("input", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+        assert grpc_client.infer(name, [tensor]).as_numpy("output").tolist() == [[21.0, 21.0, 21.0]]
+        grpc_client.close()
     finally:
         stop_server(ferry)
