@@ -42,7 +42,7 @@ from service.check.data import (
 )
 from service.check.policy import Policy, evaluate, load_policy
 from service.check.report import summary, write_report
-from service.errors import FerryError, ModelNotFound
+from service.errors import ConfigurationError, FerryError, ModelNotFound
 
 DEFAULT_ALIAS = "champion"
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@[^/]+|/[^/]+)$")
@@ -118,7 +118,6 @@ async def _check(options: Options) -> int:
     elif options.label is not None:
         raise UsageError("--label names a column of --data: give a data set")
 
-    from service.errors import ConfigurationError
     from service.lifecycle import ModelSet
     from service.metrics import Metrics
     from service.registry import ModelRegistry
@@ -187,6 +186,8 @@ class _Run:
                 ) from None
         try:
             candidate = await self._load("candidate", candidate_ref)
+        except ConfigurationError as exc:  # the settings, not the version (CUDA asked for, none here)
+            raise UsageError(exc.message) from None
         except FerryError as exc:
             return self._fail("load", f"the candidate does not load: {exc.message}")
         gc.collect()

@@ -130,6 +130,8 @@ def check_registry(tmp_path_factory: pytest.TempPathFactory) -> CheckRegistry:
         ):
             with mlflow.start_run(experiment_id=experiment):
                 _register("churn", tabular.log_churn_sklearn(model=model), alias)
+        with mlflow.start_run(experiment_id=experiment):
+            _register("churn-code", tabular.log_churn_code(), "champion")
     finally:
         mlflow.set_tracking_uri(previous)
 
@@ -354,6 +356,21 @@ def test_a_candidate_that_does_not_load_fails_the_load_check(
     assert failed(result) == ["load"]
     assert "flavor 'sklearn' is not allowed" in result["checks"][0]["detail"]
     assert "FAILED load:" in out
+
+
+def test_a_candidate_that_refuses_the_data_the_champion_takes_fails_the_inputs_check(
+    check_registry: CheckRegistry, tmp_path: Path
+) -> None:
+    """``churn-code`` needs a ``signup_date`` column the data set lacks; the compared pipeline takes it."""
+    rc, out, _, report = ferry_check(
+        check_registry, tmp_path, "models:/churn-code/1", "--against", "models:/churn@champion",
+        "--data", str(check_registry.churn_data), "--label", "churned", flavors=SKLEARN_FLAVORS,
+    )  # fmt: skip
+    assert rc == 1, out
+    result = read_report(report)
+    assert failed(result) == ["inputs"]
+    assert "missing required column(s) ['signup_date']" in result["checks"][0]["detail"]
+    assert result["against"]["version"] == "1" and result["candidate"]["flavor"] == "pyfunc"
 
 
 # ---------------------------------------------------------------------------------------------- usage errors
