@@ -13,7 +13,11 @@ Scenarios (each after a warm-up with the same load):
 - 256-row ``tabular-mlp-onnx`` requests (rows/s) against ONNX Runtime called in-process at batch 256
   with one intra-op thread, as Ferry runs it (the ceiling);
 - a memory-cache hit and a Redis-cache hit (a ``redis-server`` is started on a free port unless
-  ``FERRY_REDIS_URL`` names one).
+  ``FERRY_REDIS_URL`` names one);
+- the transports side by side (issue 16): 64-row ``tabular-mlp-onnx`` and one ``image-cnn`` image over
+  gRPC (raw contents), REST v2 binary and REST v2 JSON, one Ferry with ``FERRY_GRPC_PORT``, 16
+  connections, all three driven by the same Python generator (asyncio with grpc.aio or aiohttp: wrk has
+  no gRPC), so their ratios compare the transports, not the generators.
 
 Writes ``bench/results/<date>-<host>.json`` and ``.png``, prints the Markdown report, and with
 ``--docs`` regenerates ``docs/benchmarks.md``. Targets come from ``loadtests/thresholds.toml``
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "command": command,
-            "generator": "wrk -t1 --timeout 10s -s loadtests/wrk/post.lua",
+            "generator": "wrk -t1 --timeout 10s -s loadtests/wrk/post.lua; the transport scenarios "
+            "(-grpc, -v2bin, -v2json): bench_measure.run_python_load (asyncio, grpc.aio / aiohttp)",
             "results_file": os.path.relpath(results_file, ROOT),
             "notes": list(args.note),
         }

@@ -5,6 +5,7 @@ torch called directly); the machine and tool versions the numbers were taken on.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import importlib.metadata
@@ -30,6 +31,7 @@ from bench_scenarios import (
     ALIAS,
     CNN,
     FEATURES,
+    GRPC_INFER,
     IMAGE,
     ONNX,
     UNIQUE,
@@ -127,6 +129,8 @@ def measure(
         scenario.id, scenario.title, instance.server, instance.variant, scenario.connections, scenario.rows
     )
     url = server.url + path_for(instance.server, scenario)
+    if scenario.generator == "python":
+        return measure_python(server, scenario, run, url, body, headers, args)
     check(url, body, headers, instance, scenario)
     body_file = workdir / f"{scenario.id}-{instance.key.replace(':', '-')}.body"
     body_file.write_bytes(body)
@@ -138,6 +142,19 @@ def measure(
     summary, wrk_cpu = run_wrk(*load, args.duration)
     server_cpu = server.cpu_seconds() - cpu_before
     busy = _busy_cpu_seconds() - busy_before
+    return _fill(run, scenario, summary, server_cpu, wrk_cpu, busy)
+
+
+def _fill(
+    run: Run,
+    scenario: Scenario,
+    summary: dict[str, Any],
+    server_cpu: float,
+    generator_cpu: float,
+    busy: float,
+) -> Run:
+    """``run`` with the numbers of one load (a wrk summary, or ``run_python_load``'s in the same form)."""
+    wrk_cpu = generator_cpu
     seconds = summary["duration_us"] / 1e6
     latency, errors = summary["latency_us"], summary["errors"]
     run.requests = summary["requests"]
@@ -154,6 +171,149 @@ def measure(
     run.generator_cpu_pct = round(100 * wrk_cpu / seconds, 1)
     run.other_cpu_cores = round(max(0.0, busy - server_cpu - wrk_cpu) / seconds, 2)
     return run
+
+
+def measure_python(
+    server: procs.Server,
+    scenario: Scenario,
+    run: Run,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    args: argparse.Namespace,
+) -> Run:
+    """``measure`` with ``run_python_load`` as the generator: gRPC to the server's gRPC port, REST to
+    ``url``."""
+    over_grpc = scenario.protocol == "grpc"
+    target = str(getattr(server, "grpc_target", "")) if over_grpc else url
+    if not target:
+        raise RuntimeError(f"{server.name} serves no gRPC (FERRY_GRPC_PORT)")
+    load = (target, over_grpc, body, headers, scenario.connections)
+    check_once(*load)
+    if args.warmup > 0:
+        run_python_load(*load, args.warmup)
+        time.sleep(SETTLE_S)
+    cpu_before, busy_before = server.cpu_seconds(), _busy_cpu_seconds()
+    summary, generator_cpu = run_python_load(*load, args.duration)
+    server_cpu = server.cpu_seconds() - cpu_before
+    return _fill(run, scenario, summary, server_cpu, generator_cpu, _busy_cpu_seconds() - busy_before)
+
+
+def run_python_load(
+    target: str, over_grpc: bool, body: bytes, headers: dict[str, str], connections: int, duration_s: float
+) -> tuple[dict[str, Any], float]:
+    """``connections`` concurrent callers for ``duration_s``, each sending ``body`` and waiting for the
+    answer, over gRPC (``target`` host:port, ``ModelInfer``, one HTTP/2 channel) or HTTP/1.1 keep-alive
+    (``target`` a URL, aiohttp): a summary in wrk's form and the generator's CPU time (seconds)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    summary = asyncio.run(_drive(target, over_grpc, body, headers, connections, duration_s))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return summary, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+class _Refused(Exception):
+    """An answer that is not a success (HTTP status other than 200, a gRPC status other than OK)."""
+
+
+async def _drive(
+    target: str, over_grpc: bool, body: bytes, headers: dict[str, str], connections: int, duration_s: float
+) -> dict[str, Any]:
+    import numpy as np
+
+    send, close = await _sender(target, over_grpc, headers, connections)
+    latencies: list[float] = []
+    errors = {"status": 0, "other": 0}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + duration_s
+
+    async def caller() -> None:
+        while loop.time() < deadline:
+            started = time.perf_counter()
+            try:
+                await send(body)
+            except _Refused:
+                errors["status"] += 1
+                continue
+            except Exception:
+                errors["other"] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(caller() for _ in range(connections)))
+    finally:
+        await close()
+    elapsed = time.perf_counter() - began
+    us = np.asarray(latencies or [0.0]) * 1e6
+    return {
+        "requests": len(latencies),
+        "duration_us": elapsed * 1e6,
+        "latency_us": {q: float(np.percentile(us, p)) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
+        | {"max": float(us.max())},
+        "errors": errors,
+    }
+
+
+async def _sender(
+    target: str, over_grpc: bool, headers: dict[str, str], connections: int
+) -> tuple[Callable[[bytes], Any], Callable[[], Any]]:
+    """``(send(body), close())`` of one client: ``send`` raises ``_Refused`` on a refusal."""
+    if over_grpc:
+        import grpc.aio
+
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        channel = grpc.aio.insecure_channel(target, options=options)
+        infer = channel.unary_unary(GRPC_INFER)  # bytes in, bytes out: the body is serialized already
+
+        async def send_grpc(body: bytes) -> None:
+            try:
+                await infer(body, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                raise _Refused(str(exc.code())) from exc
+
+        return send_grpc, channel.close
+    import aiohttp
+
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=10)
+    )
+
+    async def send_http(body: bytes) -> None:
+        async with session.post(target, data=body, headers=headers) as response:
+            await response.read()
+            if response.status != 200:
+                raise _Refused(str(response.status))
+
+    return send_http, session.close
+
+
+def check_once(target: str, over_grpc: bool, body: bytes, headers: dict[str, str], connections: int) -> None:
+    """One request before the load: it must be answered, with outputs."""
+
+    async def one() -> bytes:
+        if over_grpc:
+            import grpc.aio
+
+            async with grpc.aio.insecure_channel(target) as channel:
+                answer: bytes = await channel.unary_unary(GRPC_INFER)(body, timeout=60)
+                return answer
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.post(target, data=body, headers=headers) as r:
+            content = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"check request to {target} answered {r.status}: {content[:300]!r}")
+            return content
+
+    answer = asyncio.run(one())
+    if over_grpc:
+        from service.grpc import messages
+
+        if not messages.ModelInferResponse.FromString(answer).outputs:
+            raise RuntimeError(f"check request to {target} has no outputs")
+    elif b'"outputs"' not in answer:
+        raise RuntimeError(f"check request to {target} has no outputs: {answer[:300]!r}")
 
 
 def check(url: str, body: bytes, headers: dict[str, str], instance: Instance, scenario: Scenario) -> None:
@@ -212,8 +372,14 @@ def start(
             env["FERRY_REDIS_URL"] = redis
         else:
             env.pop("FERRY_REDIS_URL", None)
+        grpc_port = procs.free_port() if instance.key == "ferry-grpc" else None
+        if grpc_port is not None:
+            env["FERRY_GRPC_PORT"] = str(grpc_port)
         argv = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        return procs.start_server(instance.key, argv, port, "/health/ready", logs, env, timeout_s=300)
+        server = procs.start_server(instance.key, argv, port, "/health/ready", logs, env, timeout_s=300)
+        if grpc_port is not None:
+            server.grpc_target = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+        return server
     if instance.server == "mlflow":
         mlflow = str(Path(sys.executable).parent / "mlflow")
         argv = [mlflow, "models", "serve", "-m", f"models:/{instance.models[0]}@{ALIAS}"]
@@ -414,7 +580,7 @@ def run_instance(
                     f"bench:   {run.requests_per_s:,.0f} req/s, p50 {run.p50_ms:.2f} ms, "
                     f"p99 {run.p99_ms:.2f} ms, errors {run.errors}, "
                     f"server CPU {run.server_cpu_us_per_request:.0f} µs/req, "
-                    f"wrk CPU {run.generator_cpu_pct:.0f}%, other {run.other_cpu_cores:.2f} cores",
+                    f"generator CPU {run.generator_cpu_pct:.0f}%, other {run.other_cpu_cores:.2f} cores",
                     flush=True,
                 )
             runs.append(run)

@@ -74,6 +74,9 @@ INSTANCES = {
                 *ALLOW_SKLEARN,
             ),
         ),
+        # The same models with FERRY_GRPC_PORT set (bench_measure.start gives it a free port): one server
+        # answers the transport comparison over gRPC, REST v2 binary and REST v2 JSON alike.
+        Instance("ferry-grpc", "ferry", "gRPC on", (ONNX, CNN), (("FERRY_CACHE__ENABLED", "false"),)),
         Instance(f"mlflow:{ONNX}", "mlflow", "", (ONNX,)),
         Instance(f"mlflow:{TORCH}", "mlflow", "", (TORCH,)),
         Instance(f"mlflow:{CNN}", "mlflow", "", (CNN,)),
@@ -81,7 +84,8 @@ INSTANCES = {
         Instance("floor", "floor", ""),
     )
 }
-ORDER = ["ferry", "ferry-nobatch", "ferry-memory", "ferry-redis", "ferry-sklearn", f"mlflow:{ONNX}"]
+ORDER = ["ferry", "ferry-nobatch", "ferry-grpc", "ferry-memory", "ferry-redis", "ferry-sklearn"]
+ORDER += [f"mlflow:{ONNX}"]
 ORDER += [f"mlflow:{TORCH}", f"mlflow:{CNN}", f"mlflow:{CHURN}", "floor"]
 """Servers start one after another in this order; each runs all its scenarios while it is up."""
 
@@ -98,7 +102,16 @@ class Scenario:
     expect_cache_hit: bool = False
     protocol: str = "predict"
     """``predict``: Ferry's and the floor's ``/predict``, MLflow's ``/invocations``; ``v2-binary``: the
-    Open Inference Protocol with the binary tensor extension (Ferry; the floor parses its JSON header)."""
+    Open Inference Protocol with the binary tensor extension (Ferry; the floor parses its JSON header);
+    ``v2-json``: the same request as JSON ``data``; ``grpc``: ``ModelInfer`` with raw tensor contents."""
+    generator: str = "wrk"
+    """``wrk``, or ``python`` (``bench_measure.run_python_load``: asyncio with aiohttp or grpc.aio, the one
+    load generator that speaks both, so the transports of a comparison are driven alike)."""
+
+
+TRANSPORTS = (("grpc", "grpc", "gRPC (raw contents)"), ("v2-binary", "v2bin", "REST v2 binary"))
+TRANSPORTS += (("v2-json", "v2json", "REST v2 JSON"),)
+"""The transport comparison (issue 16): protocol, scenario id tag, title."""
 
 
 def scenarios() -> list[Scenario]:
@@ -162,6 +175,21 @@ def scenarios() -> list[Scenario]:
             expect_cache_hit=True,
         )
     )
+    for model, rows, short, what in ((ONNX, 64, "onnx-64rows", "64 rows"), (CNN, 1, "cnn-1img", "1 image")):
+        for protocol, tag, label in TRANSPORTS:
+            out.append(
+                Scenario(
+                    f"{short}-{tag}-c16",
+                    f"{model}, {what} over {label}, 16 conn",
+                    model,
+                    rows,
+                    16,
+                    False,
+                    ("ferry-grpc",),
+                    protocol=protocol,
+                    generator="python",
+                )
+            )
     for rows in (1, 256):
         out.append(
             Scenario(
@@ -219,9 +247,14 @@ V2_HEADER = "Inference-Header-Content-Length"
 
 
 def body_for(server: str, scenario: Scenario, rows_text: str) -> tuple[bytes, dict[str, str]]:
-    """The body and extra headers of the scenario's requests to ``server``."""
+    """The body and extra headers of the scenario's requests to ``server`` (for ``grpc``: the serialized
+    ``ModelInferRequest``)."""
     if scenario.protocol == "v2-binary":
-        return v2_binary(scenario.rows)
+        return v2_binary(scenario.rows, model=scenario.model)
+    if scenario.protocol == "v2-json":
+        return v2_json(scenario.rows, model=scenario.model)
+    if scenario.protocol == "grpc":
+        return grpc_request(scenario.rows, model=scenario.model), {}
     model, unique = scenario.model, scenario.unique
     if server != "mlflow":
         text = f'{{"model": "{model}", "inputs": {rows_text}}}'
@@ -232,18 +265,45 @@ def body_for(server: str, scenario: Scenario, rows_text: str) -> tuple[bytes, di
     return (text if unique else text.replace(UNIQUE, "0.5")).encode(), {}
 
 
-def v2_binary(rows: int, seed: int = 7) -> tuple[bytes, dict[str, str]]:
-    """A v2 inference request for ``tabular-mlp-onnx`` with the input and the output as raw float32
-    (binary tensor data extension): the JSON header, then ``rows`` x 64 little-endian floats."""
+def tensor(rows: int, model: str = ONNX, seed: int = 7) -> Any:
+    """``rows`` inputs of ``model`` (64 features, or 3x64x64 images) as float32, the same for every
+    transport."""
     import numpy as np
 
-    data = np.random.default_rng(seed).standard_normal((rows, FEATURES)).astype("<f4").tobytes()
+    shape = (rows, *IMAGE) if model == CNN else (rows, FEATURES)
+    return np.random.default_rng(seed).standard_normal(shape).astype("<f4")
+
+
+def v2_json(rows: int, model: str = ONNX) -> tuple[bytes, dict[str, str]]:
+    """The v2 inference request of ``tensor`` as JSON ``data``."""
+    x = tensor(rows, model)
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def grpc_request(rows: int, model: str = ONNX) -> bytes:
+    """The serialized gRPC ``ModelInferRequest`` of ``tensor``, raw contents, as Triton's client sends."""
+    from service.grpc import messages
+
+    x = tensor(rows, model)
+    request = messages.ModelInferRequest(model_name=model, raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    return bytes(request.SerializeToString())
+
+
+def v2_binary(rows: int, seed: int = 7, model: str = ONNX) -> tuple[bytes, dict[str, str]]:
+    """A v2 inference request (``tabular-mlp-onnx`` unless told) with the input and the output as raw
+    float32 (binary tensor data extension): the JSON header, then the tensor's little-endian floats."""
+    x = tensor(rows, model, seed)
+    data = x.tobytes()
     header = json.dumps(
         {
             "inputs": [
                 {
                     "name": "input",
-                    "shape": [rows, FEATURES],
+                    "shape": list(x.shape),
                     "datatype": "FP32",
                     "parameters": {"binary_data_size": len(data)},
                 }
@@ -254,7 +314,12 @@ def v2_binary(rows: int, seed: int = 7) -> tuple[bytes, dict[str, str]]:
     return header + data, {"Content-Type": "application/octet-stream", V2_HEADER: str(len(header))}
 
 
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
 def path_for(server: str, scenario: Scenario) -> str:
-    if scenario.protocol == "v2-binary":
+    if scenario.protocol == "grpc":
+        return GRPC_INFER
+    if scenario.protocol in ("v2-binary", "v2-json"):
         return f"/v2/models/{scenario.model}/infer"
     return "/invocations" if server == "mlflow" else "/predict"
