@@ -25,6 +25,7 @@ from service.config import Settings
 from service.grpc import messages
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRef
+from service.runtime.base import RuntimeInfo, TensorSpec
 
 pytestmark = pytest.mark.asyncio
 
@@ -213,3 +214,89 @@ async def test_metadata_and_readiness(served: Served) -> None:
     assert not (await served.call("ModelReady", messages.ModelReadyRequest(name="nope"))).ready
     error = await served.refused("ModelMetadata", messages.ModelMetadataRequest(name="m", version="1"))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "'1' is not loaded" in error.details()
+
+
+# ------------------------------------------------------------------------------------------- a DataFrame model
+PLAN = TensorSpec("plan", np.dtype(object), (-1,), column="string")
+MONTHS = TensorSpec("months", np.dtype(np.int64), (-1,), column="long")
+PAID = TensorSpec("paid", np.dtype(np.bool_), (-1,), column="boolean")
+
+
+class Frame:
+    """A table model: one input per column (MLServer's pandas codec), a string and a number out."""
+
+    info = RuntimeInfo(runtime="fake", device="cpu")
+
+    def predict_batch(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None) -> Any:
+        plans = np.array([f"{p}-{'paid' if ok else 'due'}" for p, ok in zip(inputs["plan"], inputs["paid"])])
+        return {"label": plans.astype(object), "months": inputs["months"] * 2}
+
+    def close(self) -> None:
+        pass
+
+
+class FrameRegistry(FakeRegistry):
+    def load(self, name: str, ref: ModelRef) -> LoadedModel:
+        example = {
+            "plan": np.array(["basic"], dtype=object),
+            "months": np.array([1], dtype=np.int64),
+            "paid": np.array([True]),
+        }
+        outputs = [
+            TensorSpec("label", np.dtype(object), (-1,)),
+            TensorSpec("months", np.dtype(np.int64), (-1,)),
+        ]
+        return LoadedModel(name, ref, "pyfunc", Frame(), [PLAN, MONTHS, PAID], outputs, example)
+
+
+async def test_a_table_model_takes_typed_columns_as_rest_takes_them() -> None:
+    settings = Settings(
+        models=["t=models:/t@champion"], grpc_port=0, reload={"poll_s": 0}, cache={"enabled": False}
+    )
+    app = create_app(settings, Metrics(process=False), FrameRegistry())  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        for _ in range(500):
+            if app.state.pipeline.models.ready():
+                break
+            await asyncio.sleep(0.01)
+        request = messages.ModelInferRequest(model_name="t")
+        plan = request.inputs.add(name="plan", datatype="BYTES", shape=[2])
+        plan.contents.bytes_contents.extend([b"basic", "pr\u00e9mium".encode()])
+        request.inputs.add(name="months", datatype="INT64", shape=[2, 1]).contents.int64_contents.extend(
+            [3, 12]
+        )
+        request.inputs.add(name="paid", datatype="BOOL", shape=[2]).contents.bool_contents.extend(
+            [True, False]
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.state.grpc_server.port}") as channel:
+            infer = channel.unary_unary(
+                f"/{messages.SERVICE}/ModelInfer",
+                request_serializer=messages.ModelInferRequest.SerializeToString,
+                response_deserializer=messages.ModelInferResponse.FromString,
+            )
+            answer = await infer(request, timeout=10)
+            outputs = {o.name: o for o in answer.outputs}
+            assert [v.decode() for v in outputs["label"].contents.bytes_contents] == [
+                "basic-paid",
+                "pr\u00e9mium-due",
+            ]
+            assert list(outputs["months"].contents.int64_contents) == [6, 24]
+            rest_inputs = [
+                {"name": "plan", "datatype": "BYTES", "shape": [2], "data": ["basic", "pr\u00e9mium"]},
+                {"name": "months", "datatype": "INT64", "shape": [2, 1], "data": [3, 12]},
+                {"name": "paid", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+            ]
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://ferry") as rest:
+                r = await rest.post("/v2/models/t/infer", json={"inputs": rest_inputs})
+                missing = await rest.post("/v2/models/t/infer", json={"inputs": rest_inputs[:2]})
+            assert {o["name"]: o["data"] for o in r.json()["outputs"]} == {
+                "label": ["basic-paid", "pr\u00e9mium-due"],
+                "months": [6, 24],
+            }
+            del request.inputs[2]  # a required column left out: named, as REST names it
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await infer(request, timeout=10)
+            r = missing
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.value.details() == r.json()["error"] and "paid" in error.value.details()
