@@ -105,6 +105,16 @@ class Loading:
         ) and not self.task.done()
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A load the budget refused: the same answer stands until ``until`` (``time.monotonic()``), or,
+    unless the model is larger than the whole budget, until a model becomes idle or is unloaded."""
+
+    until: float
+    error: OverBudget
+    whole: bool
+
+
 @dataclass(slots=True)
 class ModelSlot:
     """One served model: its configuration, its state and the version that answers now."""
@@ -124,6 +134,8 @@ class ModelSlot:
     """Its last loaded version's files on disk (measured under a memory budget only)."""
     parked: ModelRef | None = None
     """The version last unloaded, whose downloaded files are kept for its next load."""
+    refused: Refusal | None = None
+    """Its last load's ``OverBudget``, answered again to its requests for a moment."""
 
     @property
     def name(self) -> str:
@@ -150,6 +162,8 @@ class ModelSet:
             raise ConfigurationError(f"default model {default!r} is not among the served models {names}")
         self._default = default
         self._budget = MemoryBudget(settings.memory.budget_bytes)
+        self._refused: set[str] = set()
+        """Models whose refused load may fit once another model is idle or unloaded."""
         metrics.memory_budget.set(settings.memory.budget_bytes or 0)
         self.shutting_down = False
         self.generation = 0
@@ -261,7 +275,14 @@ class ModelSet:
                 raise
             if isinstance(exc, OverBudget):
                 if slot.active is None:
-                    slot.state, slot.error, slot.on_demand = ModelState.UNLOADED, exc.message, True
+                    slot.state, slot.error = ModelState.UNLOADED, exc.message
+                    # The repository API's unload holds until a load succeeds; else it loads on demand.
+                    slot.on_demand = slot.on_demand or loading.reason != "repository"
+                    whole = size is not None and size > (self._budget.limit or 0)
+                    if loading.evict or whole:  # one that evicted nothing says nothing of a request's
+                        slot.refused = Refusal(time.monotonic() + exc.retry_after_s, exc, whole)
+                        if not whole:
+                            self._refused.add(name)
                 raise
             failure = _load_failure(name, stage, exc)
             self._metrics.load_failures.labels(name, stage).inc()
@@ -287,7 +308,7 @@ class ModelSet:
         old, slot.spec, slot.active = slot.active, spec, new
         self.generation += 1
         slot.state, slot.error = ModelState.READY, None
-        parked, slot.parked = slot.parked, None
+        parked, slot.parked, slot.refused = slot.parked, None, None
         if size is not None:
             slot.size_bytes = size
         self._metrics.load_duration.labels(name).observe(time.perf_counter() - started)
@@ -312,7 +333,19 @@ class ModelSet:
         models first where it would not fit (only with ``evict``). The choice and the charge happen
         without yielding to the event loop: two loads never count the same free bytes."""
         idle = [s.name for s in self._slots.values() if s is not slot and _idle(s)] if evict else []
-        victims = self._budget.plan(slot.name, size, idle)
+        try:
+            victims = self._budget.plan(slot.name, size, idle)
+        except OverBudget as exc:
+            limit = self._budget.limit or 0
+            if evict or size > limit:
+                raise
+            free = limit - (self._budget.used - self._budget.charged(slot.name))
+            raise OverBudget(
+                f"model {slot.name!r} needs {human(size)} but {human(max(free, 0))} of the memory budget "
+                f"of {human(limit)} (FERRY_MEMORY__BUDGET_BYTES) is free; nothing is unloaded for it at "
+                "start-up or on a retry: it loads on its first request",
+                **exc.details,
+            ) from None
         why = (
             f"evicted: the least recently used idle model, to make room for {slot.name} ({human(size)}) "
             f"in the memory budget of {human(self._budget.limit or 0)}"
@@ -330,6 +363,7 @@ class ModelSet:
         old = slot.active
         slot.active, slot.state, slot.error, slot.on_demand = None, ModelState.UNLOADED, None, on_demand
         freed = self._budget.release(slot.name)
+        self._room_changed()
         self._metrics.model_ready.labels(slot.name).set(0)
         self._metrics.memory_used.set(self._budget.used)
         if old is not None:
@@ -340,6 +374,16 @@ class ModelSet:
                 f"; {human(freed)} freed, {human(self._budget.used)} in use" if self._budget.enabled else "",
             )  # fmt: skip
         return old
+
+    def _room_changed(self) -> None:
+        """A model became idle or was unloaded: a refused load may fit now."""
+        if not self._refused:
+            return
+        for name in self._refused:
+            slot = self._slots.get(name)
+            if slot is not None and slot.refused is not None and not slot.refused.whole:
+                slot.refused = None
+        self._refused.clear()
 
     def _recharge(self, slot: ModelSlot) -> None:
         """After a load that did not swap in: the budget charges ``slot`` what answers now, if anything."""
@@ -382,8 +426,15 @@ class ModelSet:
             yield active
         finally:
             slot.users -= 1
+            if not slot.users:
+                self._room_changed()
 
     async def _load_on_demand(self, slot: ModelSlot, timeout_s: float) -> None:
+        refused = slot.refused
+        if refused is not None and time.monotonic() < refused.until:
+            # Refused a moment ago and nothing freed since: the same answer until its Retry-After,
+            # without asking the registry again for every request meanwhile.
+            raise OverBudget(refused.error.message, **refused.error.details)
         try:
             async with asyncio.timeout(timeout_s):
                 await self.load(slot.name, reason="first_request")
@@ -424,6 +475,7 @@ class ModelSet:
         with contextlib.suppress(KeyError):
             self._metrics.model_ready.remove(name)
         self._budget.forget(name)
+        self._room_changed()
         self._metrics.memory_used.set(self._budget.used)
         if slot.active is not None:
             self._metrics.model_unloads.labels(name, reason).inc()

@@ -239,3 +239,29 @@ async def test_an_explicit_unload_keeps_the_model_listed_and_does_not_load_it_on
     await service.load("a", reason="repository")
     assert service.find("a").state == ModelState.READY
     await service.close()
+
+
+@pytest.mark.asyncio
+async def test_start_up_says_the_model_loads_on_its_first_request(tmp_path: Path) -> None:
+    service, _registry, _metrics = budget_service(tmp_path)
+    await service.start()
+    error = service.find("c").error or ""
+    assert "2,000 bytes" in error and "500 bytes of the memory budget of 7,500 bytes" in error, error
+    assert "it loads on its first request" in error
+    await service.close()
+
+
+@pytest.mark.asyncio
+async def test_a_model_larger_than_the_budget_is_refused_without_asking_again(tmp_path: Path) -> None:
+    service, registry, _metrics = budget_service(tmp_path, budget=3500)  # a (4,000 bytes) never fits
+    await service.start()
+    assert service.find("a").state == ModelState.UNLOADED and service.find("b").state == ModelState.READY
+    assert service.ready()
+    downloads = len(registry.downloads)
+    for _ in range(3):
+        with pytest.raises(OverBudget, match="more than the whole memory budget"):
+            await predict(service, "a")
+    # Each refusal stands for its Retry-After (1 s): three requests at once ask the registry once at most.
+    assert len(registry.downloads) <= downloads + 1, registry.downloads
+    assert service.find("b").state == ModelState.READY, "nothing was evicted for a model that cannot fit"
+    await service.close()
