@@ -23,7 +23,16 @@ import httpx
 import pytest
 from mlflow_stores import log_linear, register, start_tracking_server, tracking
 
-from conftest import ROOT, Registry, start_server, stop_server, wait_until
+from conftest import (
+    ROOT,
+    Registry,
+    export_onnx,
+    linear_module,
+    log_onnx,
+    start_server,
+    stop_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 PROMOTE = ROOT / "scripts" / "promote.py"
@@ -185,6 +194,42 @@ def test_promotion_moves_files_and_aliases_and_rollback_goes_back_once(
     assert ok(promote(production.tracking_uri, "rollback", "linear", "--to", "2"))["version"] == "2"
     missing = promote(production.tracking_uri, "rollback", "linear", "--to", "9")
     assert missing.code == 2 and "linear version 9" in missing.err
+
+
+def test_a_logged_model_of_mlflow_3_is_promoted_too(tmp_path: Path) -> None:
+    """``log_model(name=...)`` registers ``models:/m-<id>`` (a LoggedModel, files outside the run's
+    artifacts): its files are found and copied as well."""
+    import mlflow
+    import numpy as np
+
+    staging = sqlite_registry(tmp_path / "staging")
+    production = sqlite_registry(tmp_path / "production")
+    example = np.array(ROW * 2, dtype=np.float32)
+    with tracking(staging.tracking_uri):
+        mlflow.set_experiment("models")
+        onnx_path = export_onnx(linear_module(5.0), example, tmp_path / "linear.onnx")
+        with mlflow.start_run():
+            info = log_onnx(onnx_path, example, 5 * example.sum(1, keepdims=True).repeat(3, 1) + 1)
+        version = register("linear", info.model_uri, "champion")
+    from mlflow.tracking import MlflowClient
+
+    assert (
+        MlflowClient(tracking_uri=staging.tracking_uri)
+        .get_model_version("linear", version)
+        .source.startswith("models:/m-")
+    )
+    ok(promote(staging.tracking_uri, "export", "linear", version, tmp_path / "export"))
+    out = ok(
+        promote(
+            production.tracking_uri,
+            "champion",
+            tmp_path / "export",
+            "--artifact-location",
+            (production.root / "promotions").as_uri(),
+        )
+    )
+    assert out["version"] == "1"
+    assert load_and_predict(production.tracking_uri, "models:/linear@champion") == pytest.approx(6.0)
 
 
 def test_has_alias_answers_with_its_exit_status(stores: tuple[Registry, Registry]) -> None:
