@@ -20,7 +20,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import numpy as np
 from service.batcher import Batcher
 from service.budget import MemoryBudget, files_size, human
 from service.cache import SingleFlight
+from service.challenger import challenger_uri
 from service.columns import is_table
 from service.config import Settings
 from service.errors import (
@@ -40,6 +41,7 @@ from service.errors import (
     ModelNotFound,
     NotReady,
     OverBudget,
+    RegistryUnavailable,
 )
 from service.metrics import Metrics, ModelMetrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
@@ -136,6 +138,9 @@ class ModelSlot:
     """The version last unloaded, whose downloaded files are kept for its next load."""
     refused: Refusal | None = None
     """Its last load's ``OverBudget``, answered again to its requests for a moment."""
+    challenger: ActiveVersion | None = None
+    """The version under the challenger alias, loaded beside ``active`` (``FERRY_CHALLENGER__MODE``
+    shadow or canary; ``challenger.py``); ``None`` when there is none."""
 
     @property
     def name(self) -> str:
@@ -164,6 +169,13 @@ class ModelSet:
         self._budget = MemoryBudget(settings.memory.budget_bytes)
         self._refused: set[str] = set()
         """Models whose refused load may fit once another model is idle or unloaded."""
+        self._challenger_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[bool]] = set()
+        """One challenger load or drop per model at a time (start-up and the reloader both follow it)."""
+        if settings.challenger.mode != "off":
+            for spec in specs:
+                if self.challenger_uri(spec) is not None:
+                    metrics.challenger_served(spec.name)
         metrics.memory_budget.set(settings.memory.budget_bytes or 0)
         self.shutting_down = False
         self.generation = 0
@@ -198,6 +210,9 @@ class ModelSet:
                 log.error("model %s not loaded: %s", slot.name, result.message)
             elif isinstance(result, BaseException):  # cancelled: the server is stopping
                 raise result
+        for slot in slots:
+            if self.challenger_uri(slot.spec) is not None:
+                await self.follow_challenger(slot.name)
 
     def loading(self, name: str) -> bool:
         """Whether a load of ``name`` is in progress (the reloader then skips its poll)."""
@@ -362,6 +377,7 @@ class ModelSet:
         the caller retires the version returned."""
         old = slot.active
         slot.active, slot.state, slot.error, slot.on_demand = None, ModelState.UNLOADED, None, on_demand
+        self._drop_challenger_soon(slot)
         freed = self._budget.release(slot.name)
         self._room_changed()
         self._metrics.model_ready.labels(slot.name).set(0)
@@ -406,12 +422,15 @@ class ModelSet:
         if old is not None:
             await self._retire(old, keep_files=True)
 
-    @contextlib.asynccontextmanager
-    async def serving(self, name: str | None, timeout_s: float) -> AsyncIterator[ActiveVersion]:
-        """The version answering ``name`` (``None``: the default model), held in use until the block
-        ends: a model in use is never evicted. A model the budget unloaded is loaded first (concurrent
-        first requests share the one load), waiting at most ``timeout_s`` for it."""
-        slot = self._slot(name)
+    def serving(self, name: str | None, timeout_s: float) -> InUse:
+        """``async with models.serving(name, timeout_s) as active``: the version answering ``name``
+        (``None``: the default model), held in use until the block ends: a model in use is never
+        evicted. A model the budget unloaded is loaded first (concurrent first requests share the one
+        load), waiting at most ``timeout_s`` for it. (A class, not a generator: this is on every
+        request's path, and ``contextlib.asynccontextmanager`` costs 2 µs more per use.)"""
+        return InUse(self, self._slot(name), timeout_s)
+
+    async def _enter(self, slot: ModelSlot, timeout_s: float) -> ActiveVersion:
         slot.users += 1
         try:
             if (
@@ -422,12 +441,16 @@ class ModelSet:
             ):
                 await self._load_on_demand(slot, timeout_s)
             active = self.active(slot.name)
-            self._budget.touch(slot.name)
-            yield active
-        finally:
-            slot.users -= 1
-            if not slot.users:
-                self._room_changed()
+        except BaseException:
+            self._leave(slot)
+            raise
+        self._budget.touch(slot.name)
+        return active
+
+    def _leave(self, slot: ModelSlot) -> None:
+        slot.users -= 1
+        if not slot.users:
+            self._room_changed()
 
     async def _load_on_demand(self, slot: ModelSlot, timeout_s: float) -> None:
         refused = slot.refused
@@ -475,6 +498,7 @@ class ModelSet:
         with contextlib.suppress(KeyError):
             self._metrics.model_ready.remove(name)
         self._budget.forget(name)
+        self._drop_challenger_soon(slot)
         self._room_changed()
         self._metrics.memory_used.set(self._budget.used)
         if slot.active is not None:
@@ -498,7 +522,9 @@ class ModelSet:
 
     async def _discard_unused(self, ref: ModelRef) -> None:
         if any(
-            s.active is not None and s.active.model.ref.source == ref.source for s in self._slots.values()
+            v is not None and v.model.ref.source == ref.source
+            for s in self._slots.values()
+            for v in (s.active, s.challenger)
         ):
             return
         try:
@@ -513,8 +539,9 @@ class ModelSet:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
         for slot in self._slots.values():
-            if slot.active is not None:
-                await slot.active.close()
+            for version in (slot.active, slot.challenger):
+                if version is not None:
+                    await version.close()
             slot.state = ModelState.STOPPED
 
     def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, ModelMetrics]:
@@ -578,6 +605,146 @@ class ModelSet:
             ):
                 raise ModelLoadError(f"{where} has shape {list(out.shape)}, the signature says {list(want)}")
 
+    # -- the challenger ------------------------------------------------------------------------------
+    def challenger_uri(self, spec: ModelSpec) -> str | None:
+        """Where ``spec``'s challenger comes from (``None``: challenger traffic is off, or the model is
+        not served from a registry alias)."""
+        settings = self._settings.challenger
+        return None if settings.mode == "off" else challenger_uri(spec.uri, settings.alias)
+
+    def challenger(self, name: str) -> ActiveVersion | None:
+        """The challenger version loaded beside ``name``, if it can take requests."""
+        slot = self._slots.get(name)
+        version = slot.challenger if slot is not None else None
+        return None if version is None or version.batcher.closing else version
+
+    async def follow_challenger(self, name: str) -> str:
+        """Look up ``name``'s challenger alias once and make the loaded challenger match it: load a new
+        version (downloaded, loaded and warmed up as any version; charged to the memory budget as
+        ``NAME@ALIAS``, never evicting a model for it), keep the one loaded, or drop it when the alias
+        is gone, points at the champion's version, or the champion is not loaded. Returns what happened
+        (start-up and the reloader call it; a failure is logged, the champion is never affected)."""
+        slot = self._slots.get(name)
+        uri = self.challenger_uri(slot.spec) if slot is not None else None
+        if slot is None or uri is None:
+            return "none"
+        lock = self._challenger_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            champion = slot.active
+            if champion is None or slot.state != ModelState.READY:
+                await self._drop_challenger(slot, "the model is not loaded")
+                return "no-champion"
+            try:
+                ref = await asyncio.to_thread(self._registry.resolve, uri)
+            except ModelNotFound:
+                dropped = await self._drop_challenger(slot, f"{uri} names no version")
+                return "removed" if dropped else "absent"
+            except RegistryUnavailable:
+                return "registry-down"
+            if ref.source == champion.model.ref.source:
+                await self._drop_challenger(slot, "the challenger alias names the champion's version")
+                return "champion"
+            current = slot.challenger
+            if current is not None and current.model.ref.source == ref.source:
+                return "unchanged"
+            try:
+                new = await self._load_challenger(slot, ref)
+            except FerryError as exc:
+                log.error("model %s challenger v%s not loaded: %s", name, ref.version, exc.message)
+                return "rejected"
+            if slot.challenger is not current or self._slots.get(name) is not slot or slot.active is None:
+                await self._retire_challenger(slot, new)  # the model went meanwhile
+                return "no-champion"
+            slot.challenger = new
+            self.generation += 1
+            self._metrics.challenger_ready.labels(name).set(1)
+            self._metrics.model_info.labels(*new.info_labels).set(1)
+            previous = f" (was v{current.version})" if current is not None else ""
+            log.info("model %s challenger v%s loaded and ready beside v%s%s",
+                     name, new.version, slot.active.version, previous)  # fmt: skip
+            if current is not None:
+                await self._retire_challenger(slot, current)
+            return "loaded"
+
+    async def _load_challenger(self, slot: ModelSlot, ref: ModelRef) -> ActiveVersion:
+        """Download, load and warm up the challenger ``ref`` of ``slot`` (the champion's load steps)."""
+        name, key = slot.name, self._challenger_key(slot)
+        reserved, size = False, 0
+        try:
+            if self._budget.enabled:
+                local = await asyncio.to_thread(self._registry.download, name, ref)
+                size = await asyncio.to_thread(files_size, local)
+                self._budget.plan(key, size, ())  # OverBudget unless it fits without evicting
+                if slot.challenger is None:
+                    self._budget.charge(key, size)
+                    reserved = True
+                self._metrics.memory_used.set(self._budget.used)
+            model = await asyncio.to_thread(self._registry.load, name, ref)
+            batcher, slot_metrics = self._batcher(name, model)
+            try:
+                await self._warm_up(name, model, batcher)
+            except BaseException:
+                await batcher.close(drain=False)
+                model.runtime.close()
+                raise
+        except BaseException as exc:
+            if reserved:
+                self._budget.release(key)
+                self._metrics.memory_used.set(self._budget.used)
+            if isinstance(exc, Exception) and not isinstance(exc, FerryError):
+                raise _load_failure(name, "challenger load", exc) from exc
+            raise
+        if self._budget.enabled:
+            self._budget.charge(key, size)
+            self._metrics.memory_used.set(self._budget.used)
+        info = model.runtime.info
+        labels = (name, ref.version, ref.alias or "", model.flavor, info.runtime, info.device,
+                  ",".join(info.providers))  # fmt: skip
+        return ActiveVersion(
+            model, batcher, slot_metrics, SingleFlight(self._metrics, name), time.time(), labels
+        )
+
+    def _challenger_key(self, slot: ModelSlot) -> str:
+        """The challenger's name in the memory budget: never a served model's name (``@`` is not allowed
+        in one), so it is never chosen for eviction."""
+        return f"{slot.name}@{self._settings.challenger.alias}"
+
+    async def _drop_challenger(self, slot: ModelSlot, why: str) -> bool:
+        old = slot.challenger
+        if old is None:
+            return False
+        slot.challenger = None
+        self.generation += 1
+        self._metrics.challenger_ready.labels(slot.name).set(0)
+        self._budget.forget(self._challenger_key(slot))
+        self._metrics.memory_used.set(self._budget.used)
+        log.info("model %s challenger v%s unloaded: %s", slot.name, old.version, why)
+        await self._retire_challenger(slot, old)
+        return True
+
+    def _drop_challenger_soon(self, slot: ModelSlot) -> None:
+        """From code that cannot wait (its model is being unloaded): the challenger goes with it."""
+        if slot.challenger is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._drop_challenger(slot, "its model was unloaded")
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _retire_challenger(self, slot: ModelSlot, old: ActiveVersion) -> None:
+        """As ``_retire``, but the per-version gauges stay when the champion now has the same version
+        (the alias was promoted: the series are the champion's)."""
+        await old.close()
+        await self._discard_unused(old.model.ref)
+        with contextlib.suppress(KeyError):
+            self._metrics.model_info.remove(*old.info_labels)
+        champion = slot.active
+        if champion is not None and champion.version == old.version:
+            return
+        for gauge in (self._metrics.queue_rows, self._metrics.queue_capacity_rows):
+            with contextlib.suppress(KeyError):
+                gauge.remove(old.model.name, old.version)
+
     # -- queries -----------------------------------------------------------------------------------
     def _slot(self, name: str | None) -> ModelSlot:
         if name is None:
@@ -620,6 +787,21 @@ class ModelSet:
     @property
     def budget(self) -> MemoryBudget:
         return self._budget
+
+
+class InUse:
+    """``ModelSet.serving``'s context: holds a model in use from choosing its version to the answer."""
+
+    __slots__ = ("_models", "_slot", "_timeout_s")
+
+    def __init__(self, models: ModelSet, slot: ModelSlot, timeout_s: float) -> None:
+        self._models, self._slot, self._timeout_s = models, slot, timeout_s
+
+    async def __aenter__(self) -> ActiveVersion:
+        return await self._models._enter(self._slot, self._timeout_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._models._leave(self._slot)
 
 
 def _idle(slot: ModelSlot) -> bool:
