@@ -170,8 +170,8 @@ class ModelSet:
         self._refused: set[str] = set()
         """Models whose refused load may fit once another model is idle or unloaded."""
         self._challenger_locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Task[bool]] = set()
         """One challenger load or drop per model at a time (start-up and the reloader both follow it)."""
+        self._background: set[asyncio.Task[bool]] = set()
         if settings.challenger.mode != "off":
             for spec in specs:
                 if self.challenger_uri(spec) is not None:
@@ -291,6 +291,8 @@ class ModelSet:
             if isinstance(exc, OverBudget):
                 if slot.active is None:
                     slot.state, slot.error = ModelState.UNLOADED, exc.message
+                    with contextlib.suppress(KeyError):
+                        self._metrics.model_ready.remove(name)
                     # The repository API's unload holds until a load succeeds; else it loads on demand.
                     slot.on_demand = slot.on_demand or loading.reason != "repository"
                     whole = size is not None and size > (self._budget.limit or 0)
@@ -380,7 +382,8 @@ class ModelSet:
         self._drop_challenger_soon(slot)
         freed = self._budget.release(slot.name)
         self._room_changed()
-        self._metrics.model_ready.labels(slot.name).set(0)
+        with contextlib.suppress(KeyError):  # unloaded on purpose: no series, no not-ready alert
+            self._metrics.model_ready.remove(slot.name)
         self._metrics.memory_used.set(self._budget.used)
         if old is not None:
             slot.parked = old.model.ref
@@ -611,6 +614,10 @@ class ModelSet:
         not served from a registry alias)."""
         settings = self._settings.challenger
         return None if settings.mode == "off" else challenger_uri(spec.uri, settings.alias)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     def challenger(self, name: str) -> ActiveVersion | None:
         """The challenger version loaded beside ``name``, if it can take requests."""

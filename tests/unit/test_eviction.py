@@ -114,6 +114,16 @@ def counted(metrics: Metrics, metric: str, **labels: str) -> float:
     )
 
 
+def ready_series(metrics: Metrics) -> dict[str, float]:
+    """``ferry_model_ready`` by model: an unloaded model has no series (no not-ready alert)."""
+    return {
+        s.labels["model"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "ferry_model_ready"
+        for s in family.samples
+    }
+
+
 async def predict(service: ModelSet, name: str) -> Any:
     async with service.serving(name, 10.0) as active:
         x = np.ones((1, 2), dtype=np.float32)
@@ -131,6 +141,7 @@ async def test_start_up_loads_while_they_fit_and_the_rest_waits_unloaded(tmp_pat
     assert service.budget.used == 7000
     assert counted(metrics, "ferry_memory_used_bytes") == 7000
     assert counted(metrics, "ferry_memory_budget_bytes") == 7500
+    assert ready_series(metrics) == {"a": 1.0, "b": 1.0}
     assert "FERRY_MEMORY__BUDGET_BYTES" in (service.find("c").error or "")
     await service.close()
 
@@ -148,6 +159,7 @@ async def test_a_request_loads_an_unloaded_model_evicting_the_least_recently_use
     assert service.budget.used == 6000
     assert counted(metrics, "ferry_model_loads_total", model="c", reason="first_request") == 1
     assert counted(metrics, "ferry_model_unloads_total", model="b", reason="evicted") == 1
+    assert ready_series(metrics) == {"a": 1.0, "c": 1.0}
     assert service.ready()
     await predict(service, "b")  # a was used before c: a goes
     assert service.find("a").state == ModelState.UNLOADED and service.find("b").state == ModelState.READY
