@@ -133,6 +133,26 @@ class MemorySettings(BaseModel):
     idle one."""
 
 
+class ChallengerSettings(BaseModel):
+    """Challenger traffic: a second alias of each ``models:/NAME@ALIAS`` model served beside it."""
+
+    mode: Literal["off", "shadow", "canary"] = "off"
+    """``off``; ``shadow``: a sampled share of requests also runs on the challenger after the champion
+    answered, compared, never seen by the client; ``canary``: a share of requests is answered by it."""
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "challenger"
+    """The registry alias of the challenger version (looked up at load and at every reload poll)."""
+    share: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Share of requests shadowed (sampled at random) or answered by the challenger (canary: sticky
+    by the key header's hash, random without it); 0 to 1."""
+    key_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")] = "X-Request-Key"
+    """Request header (gRPC: metadata key) whose value keeps a client on one side of a canary: the same
+    key always gets the same version."""
+    shadow_in_flight: Annotated[int, Field(gt=0)] = 8
+    """Most shadow calls running at once per process; more are dropped (and counted), never queued."""
+    tolerance: Annotated[float, Field(ge=0)] = 1e-4
+    """Largest absolute difference at which a regression row (non-classifier output) still agrees."""
+
+
 class ShutdownSettings(BaseModel):
     """Graceful shutdown on SIGTERM."""
 
@@ -202,6 +222,7 @@ class Settings(BaseSettings):
     reload: ReloadSettings = Field(default_factory=ReloadSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    challenger: ChallengerSettings = Field(default_factory=ChallengerSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     admin_token: SecretStr | None = None
     """Bearer token of the admin API; unset turns the admin API off."""

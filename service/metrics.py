@@ -46,6 +46,10 @@ HTTP_REJECT_REASONS = ("concurrency", "header_timeout", "header_size", "body_tim
 LOAD_REASONS = ("startup", "first_request", "reload", "admin", "repository")
 UNLOAD_REASONS = ("evicted", "repository", "admin")
 """Why a model was loaded or unloaded (``ferry_model_loads_total``, ``ferry_model_unloads_total``)."""
+SHADOW_DROP_REASONS = ("busy", "in_flight", "failed")
+"""Why shadow work was dropped (``ferry_challenger_shadow_dropped_total``)."""
+DIFFERENCE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Absolute difference between challenger and champion outputs, per row (largest over its values)."""
 
 
 class Metrics:
@@ -210,6 +214,41 @@ class Metrics:
             "FERRY_MEMORY__BUDGET_BYTES: bytes the loaded models may take (0: no budget).",
             registry=r,
         )
+        # Challenger traffic (service/challenger.py): FERRY_CHALLENGER__MODE shadow or canary.
+        self.challenger_ready = Gauge(
+            "ferry_challenger_ready",
+            "1 while a challenger version (FERRY_CHALLENGER__ALIAS) is loaded beside the model; 0 otherwise.",
+            ["model"],
+            registry=r,
+        )
+        self.challenger_compared = Counter(
+            "ferry_challenger_compared_rows_total",
+            "Shadowed rows whose challenger output was compared with the champion's answer.",
+            ["model"],
+            registry=r,
+        )
+        self.challenger_agreed = Counter(
+            "ferry_challenger_agreed_rows_total",
+            "Compared rows on which the challenger agreed: the same argmax for a classifier, every value "
+            "within FERRY_CHALLENGER__TOLERANCE otherwise, equal values for strings.",
+            ["model"],
+            registry=r,
+        )
+        self.challenger_difference = Histogram(
+            "ferry_challenger_difference",
+            "Absolute difference between challenger and champion per compared numeric row (its largest).",
+            ["model"],
+            buckets=DIFFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.challenger_dropped = Counter(
+            "ferry_challenger_shadow_dropped_total",
+            "Sampled shadow work not compared, by reason: busy (the challenger's queue held a full batch), "
+            "in_flight (FERRY_CHALLENGER__SHADOW_IN_FLIGHT shadow calls running), failed (the challenger "
+            "raised, refused the input, timed out or answered another shape).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "ferry_model_info",
             "Always 1; labels describe the loaded model version.",
@@ -284,6 +323,14 @@ class Metrics:
             self.model_loads.labels(name, reason)
         for reason in UNLOAD_REASONS:
             self.model_unloads.labels(name, reason)
+
+    def challenger_served(self, name: str) -> None:
+        """Export ``name``'s challenger series at 0, so rates and ratios see the first shadowed row."""
+        self.challenger_ready.labels(name).set(0)
+        self.challenger_compared.labels(name)
+        self.challenger_agreed.labels(name)
+        for reason in SHADOW_DROP_REASONS:
+            self.challenger_dropped.labels(name, reason)
 
     def observe_http(
         self, handler: str, method: str, status: int, seconds: float, request_bytes: int, response_bytes: int

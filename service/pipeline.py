@@ -1,11 +1,12 @@
 """The one request pipeline every protocol calls: ``Pipeline.infer(call) -> answer``.
 
 A protocol's codec (``api/protocols/``) turns a request into a ``Call`` and an ``Answer`` into a
-response; everything between is here, once: the version that answers, decoding against that version's
-signature (an ``InvalidInput`` there is counted), the row limit, one cache lookup, single-flight of
-identical requests, the batcher, one cache write, and the model's metrics. Request data travels in the
-``Call`` and the ``Answer``, never in context variables, so any entry point (HTTP, gRPC, a batch job)
-gets the same behaviour by building a ``Call``.
+response; everything between is here, once: the version that answers (the champion, or in a canary
+the challenger: ``challenger.py``), decoding against that version's signature (an ``InvalidInput``
+there is counted), the row limit, one cache lookup, single-flight of identical requests, the batcher,
+one cache write, the model's metrics, and in shadow mode the challenger's run after the answer.
+Request data travels in the ``Call`` and the ``Answer``, never in context variables, so any entry
+point (HTTP, gRPC, a batch job) gets the same behaviour by building a ``Call``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from service.batcher import Probe
 from service.cache import TieredCache, cache_key
+from service.challenger import Shadow, to_challenger
 from service.config import Settings
 from service.errors import (
     DeadlineExceeded,
@@ -68,6 +70,9 @@ class Call:
     deadline: float | None = None
     """The client's own deadline, in ``time.monotonic()`` seconds (gRPC's); ``None``: it set none. The
     request waits for its rows until the earlier of it and ``FERRY_BATCH__TIMEOUT_MS``."""
+    key: str | None = None
+    """The request key (``FERRY_CHALLENGER__KEY_HEADER``): in a canary, the same key always gets the same
+    version; ``None``: none was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,14 @@ class Pipeline:
         self._cache = cache
         self._timeout_s = settings.batch.timeout_ms / 1000
         self._max_rows = settings.limits.max_rows
+        self._challenger = settings.challenger
+        self.key_header = settings.challenger.key_header
+        """The request header a codec reads into ``Call.key``."""
+        self._shadow = (
+            Shadow(settings.challenger, models.metrics, self._timeout_s, settings.batch.max_rows)
+            if settings.challenger.mode == "shadow"
+            else None
+        )
 
     async def infer(self, call: Call) -> Answer:
         """Decode, then answer from the cache or the batcher; the answer names the version.
@@ -109,19 +122,36 @@ class Pipeline:
         started = time.perf_counter()
         # In use until answered: the memory budget never evicts it meanwhile (and loads it if it did).
         async with self.models.serving(call.model, self._timeout_s) as active:
+            challenger = None
+            if self._challenger.mode != "off":
+                challenger = self.models.challenger(active.model.name)
+            chosen = active
+            if challenger is not None and (
+                challenger.version == call.version
+                if call.version is not None
+                else self._shadow is None and to_challenger(call.key, self._challenger.share)
+            ):
+                chosen = challenger
             try:
-                return await self._answer(call, active, started)
+                answer = await self._answer(call, chosen, started, challenger is not None)
             except NotReady:
                 # A swap retired the version chosen above before the request reached its queue (its
-                # batcher refuses new rows while it drains): the version that replaced it answers.
-                if not active.batcher.closing:
+                # batcher refuses new rows while it drains): the version that replaced it answers (the
+                # champion, when it was a challenger that went).
+                if not chosen.batcher.closing:
                     raise
-                newer = self.models.active(call.model)
-                if newer is active:
+                newer = active if chosen is not active else self.models.active(call.model)
+                if newer is chosen or newer.batcher.closing:
                     raise
-                return await self._answer(call, newer, started)
+                answer = await self._answer(call, newer, started, challenger is not None)
+            if self._shadow is not None and challenger is not None and answer.version != challenger.version:
+                self._shadow.offer(call, challenger, answer.outputs)  # after the answer; never waited for
+            return answer
 
-    async def _answer(self, call: Call, active: ActiveVersion, started: float) -> Answer:
+    async def _answer(self, call: Call, active: ActiveVersion, started: float, split: bool = False) -> Answer:
+        """``active``'s answer to ``call``; with ``split`` (a challenger is served beside the model) the
+        answer is not replayed by the response tier, which is keyed on the request alone: every request
+        reaches the choice of version."""
         if call.version is not None and call.version != active.version:
             name, loaded = active.model.name, active.version
             raise ModelNotFound(
@@ -161,6 +191,8 @@ class Pipeline:
         active.metrics.total_s.observe(time.perf_counter() - started)
         active.metrics.answered(call.protocol, rows)
         ttl = cache.ttl_s(name) if key is not None and cache is not None and call.cache is None else None
+        if split:
+            ttl = None
         return Answer(
             name,
             version,
@@ -219,6 +251,8 @@ class Pipeline:
         return result.outputs
 
     async def close(self) -> None:
-        """Flush and close the cache (the models close on their own)."""
+        """Cancel the shadow calls, flush and close the cache (the models close on their own)."""
+        if self._shadow is not None:
+            await self._shadow.close()
         if self._cache is not None:
             await self._cache.close()

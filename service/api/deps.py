@@ -23,6 +23,12 @@ def pipeline_of(request: Request) -> Pipeline:
     return pipeline
 
 
+def request_key(request: Request) -> str | None:
+    """The request key header's value (``FERRY_CHALLENGER__KEY_HEADER``), which keeps a client on one
+    side of a canary; ``None`` when absent or empty."""
+    return request.headers.get(pipeline_of(request).key_header) or None
+
+
 def models_of(request: Request) -> ModelSet:
     return pipeline_of(request).models
 

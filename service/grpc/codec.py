@@ -67,7 +67,12 @@ _U32 = struct.Struct("<I")
 
 
 def call_of(
-    request: Any, *, deadline: float | None = None, gone: Probe | None = None, cache: str | None = None
+    request: Any,
+    *,
+    deadline: float | None = None,
+    gone: Probe | None = None,
+    cache: str | None = None,
+    key: str | None = None,
 ) -> Call:
     """The pipeline's call for a ``ModelInferRequest``; its inputs are decoded against the version that
     answers, as REST's are."""
@@ -94,6 +99,7 @@ def call_of(
         cache=cache,
         gone=gone,
         deadline=deadline,
+        key=key,
     )
 
 

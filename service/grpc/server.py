@@ -198,5 +198,9 @@ class GrpcServer:
             self._keys.check_headers({k: v for k, v in metadata if isinstance(v, str)})
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        call = call_of(request, deadline=deadline, gone=context.cancelled)
+        wanted = self._pipeline.key_header.lower()  # gRPC metadata keys are lower case
+        key = next(
+            (v for k, v in context.invocation_metadata() or () if k == wanted and isinstance(v, str)), None
+        )
+        call = call_of(request, deadline=deadline, gone=context.cancelled, key=key or None)
         return response_of(await self._pipeline.infer(call))

@@ -10,7 +10,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from service.api.deps import Models, cache_control, json_object
+from service.api.deps import Models, cache_control, json_object, request_key
 from service.api.protocols.base import Codec, Protocol, Route, json_default
 from service.batcher import Probe
 from service.columns import decode_inputs
@@ -45,7 +45,7 @@ async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) 
         arrays, rows = decode_inputs(model.inputs, inputs)
         return Decoded(arrays, rows, params)
 
-    return Call(name, "ferry", inputs_of, cache=cache_control(request), gone=gone)
+    return Call(name, "ferry", inputs_of, cache=cache_control(request), gone=gone, key=request_key(request))
 
 
 def encode(answer: Answer) -> Response:

@@ -22,7 +22,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, Response
 
-from service.api.deps import cache_control
+from service.api.deps import cache_control, request_key
 from service.api.frames import csv_inputs, json_payload, payload_inputs
 from service.api.protocols.base import Codec, Protocol, Route, json_default, owns_routes
 from service.batcher import Probe
@@ -62,7 +62,14 @@ async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) 
         arrays, rows = decode_inputs(specs, value, unknown="ignore")  # as MLflow ignores them
         return Decoded(arrays, rows, params)
 
-    return Call(path.get("name"), "mlflow", inputs_of, cache=cache_control(request), gone=gone)
+    return Call(
+        path.get("name"),
+        "mlflow",
+        inputs_of,
+        cache=cache_control(request),
+        gone=gone,
+        key=request_key(request),
+    )
 
 
 def encode(answer: Answer) -> Response:

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from service import __version__
 from service.api import tensors
-from service.api.deps import cache_control, models_of
+from service.api.deps import cache_control, models_of, request_key
 from service.api.jsonbody import parse_object
 from service.api.protocols.base import Codec, Protocol, Route
 from service.batcher import Probe
@@ -93,7 +93,13 @@ async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) 
         return Decoded(arrays, rows, params, (request_id, selection, default_binary))
 
     return Call(
-        path["name"], "v2", inputs_of, version=path.get("version"), cache=cache_control(request), gone=gone
+        path["name"],
+        "v2",
+        inputs_of,
+        version=path.get("version"),
+        cache=cache_control(request),
+        gone=gone,
+        key=request_key(request),
     )
 
 
