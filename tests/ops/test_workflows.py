@@ -653,6 +653,9 @@ def test_promote_checks_in_staging_then_waits_for_approval_then_moves_champion()
     assert 'args=("models:/$MODEL/$VERSION" --report reports/check)' in command
     assert "args+=(--against champion)" in command and 'args+=(--data "$DATA")' in command
     assert 'has-alias "$MODEL" champion' in command
+    # Loaded as staging's Ferry loads: its flavor allow-list when the environment sets one.
+    assert check["steps"][gate]["env"]["ALLOWED_FLAVORS"] == "${{ vars.FERRY_ALLOWED_FLAVORS }}"
+    assert 'export FERRY_ALLOWED_FLAVORS="$ALLOWED_FLAVORS"' in command
     # ferry check's policy failure stops the job: no `|| true`, no continue-on-error.
     assert "|| true" not in command and not check["steps"][gate].get("continue-on-error")
     champion_run = step_named(champion, "@champion in production")["run"]
