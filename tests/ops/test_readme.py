@@ -36,6 +36,7 @@ from conftest import (
     Registry,
     Server,
     _register,
+    free_port,
     linear_module,
     log_torch,
     metric,
@@ -280,6 +281,23 @@ def label_value_problems(text: str, scrape: str) -> list[str]:
     return problems
 
 
+def _grpc_infer(target: str, model: str, row: list[float]) -> Any:
+    """One gRPC ModelInfer with typed contents (the Open Inference Protocol over gRPC)."""
+    import grpc
+
+    from service.grpc import messages
+
+    request = messages.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, len(row)]).contents.fp32_contents.extend(row)
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(
+            f"/{messages.SERVICE}/ModelInfer",
+            request_serializer=messages.ModelInferRequest.SerializeToString,
+            response_deserializer=messages.ModelInferResponse.FromString,
+        )
+        return infer(request, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """/metrics of a Ferry with Redis, after: requests in the three protocols (cache misses, a memory
@@ -300,11 +318,13 @@ def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
         "linear=models:/linear@champion,follow=models:/readme-follow@champion,"
         f"ghost=models:/readme-ghost@champion,broken={broken}"
     )
+    grpc_port = free_port()
     server = start_server(
         registry,
         models,
         workdir,
-        {"FERRY_REDIS_URL": redis.url, "FERRY_RELOAD__POLL_S": "0.2", "FERRY_RELOAD__MAX_BACKOFF_S": "60"},
+        {"FERRY_REDIS_URL": redis.url, "FERRY_RELOAD__POLL_S": "0.2", "FERRY_RELOAD__MAX_BACKOFF_S": "60"}
+        | {"FERRY_GRPC_PORT": str(grpc_port)},
         wait_ready=False,
     )
     try:
@@ -328,6 +348,9 @@ def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
             assert client.post("/predict", content=spaced, headers=headers).headers["x-cache"] == "hit"
             v2 = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
             assert client.post("/v2/models/linear/infer", json=v2).status_code == 200
+            # protocol="grpc" in the answered-requests metrics
+            grpc_answer = _grpc_infer(f"127.0.0.1:{grpc_port}", "linear", [1.0, 2.0, 3.0, 4.0])
+            assert grpc_answer.outputs[0].name == "output"
             assert (
                 client.post("/models/linear/invocations", json={"inputs": [[1, 2, 3, 5]]}).status_code == 200
             )
