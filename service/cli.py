@@ -225,9 +225,10 @@ def exposure_warning(settings: Settings) -> str | None:
     host = settings.host.strip("[]")
     if settings.api_keys is not None or host in ("localhost", "::1") or host.startswith("127."):
         return None
+    grpc = f" (and gRPC on :{settings.grpc_port})" if settings.grpc_port is not None else ""
     return (
-        f"listening on {settings.host}:{settings.port} without API keys: anyone who can reach this port "
-        "can run the models; set FERRY_API_KEYS (see README, Security), or listen on 127.0.0.1"
+        f"listening on {settings.host}:{settings.port}{grpc} without API keys: anyone who can reach this "
+        "port can run the models; set FERRY_API_KEYS (see README, Security), or listen on 127.0.0.1"
     )
 
 
