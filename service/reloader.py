@@ -8,6 +8,10 @@ line say why) and is retried with exponential backoff; a different version (the 
 tried at once. Models that never loaded are retried the same way. A registry that does not answer is
 logged once per outage and changes nothing.
 
+With challenger traffic on (``FERRY_CHALLENGER__MODE``), each poll also looks up every model's
+challenger alias after its champion (``ModelSet.follow_challenger``): a moved alias loads the new
+challenger, a removed one (or one that names the champion's version) unloads it.
+
 Under a memory budget it does not fight the budget: an unloaded model is left alone (its next load
 resolves its alias anyway), and a retry of a model that never loaded unloads nothing to make room (it
 stays unloaded until its first request when it does not fit).
@@ -64,6 +68,12 @@ class Reloader:
                 await self.check(slot)
             except Exception:
                 log.exception("model %s: alias check failed; trying again at the next poll", slot.name)
+            if self._service.challenger_uri(slot.spec) is None:
+                continue
+            try:  # after the champion: a challenger is kept only beside a loaded champion
+                await self._service.follow_challenger(slot.name)
+            except Exception:
+                log.exception("model %s: challenger check failed; trying again at the next poll", slot.name)
 
     async def check(self, slot: ModelSlot) -> str:
         """Look up ``slot``'s URI once; returns what happened (for tests and logs). A model whose load is
