@@ -125,7 +125,7 @@ class Pipeline:
             challenger = None
             if self._challenger.mode != "off":
                 challenger = self.models.challenger(active.model.name)
-            chosen = active
+            chosen, split = active, challenger is not None and self._shadow is None
             if challenger is not None and (
                 challenger.version == call.version
                 if call.version is not None
@@ -133,7 +133,7 @@ class Pipeline:
             ):
                 chosen = challenger
             try:
-                answer = await self._answer(call, chosen, started, challenger is not None)
+                answer = await self._answer(call, chosen, started, split)
             except NotReady:
                 # A swap retired the version chosen above before the request reached its queue (its
                 # batcher refuses new rows while it drains): the version that replaced it answers (the
@@ -143,15 +143,15 @@ class Pipeline:
                 newer = active if chosen is not active else self.models.active(call.model)
                 if newer is chosen or newer.batcher.closing:
                     raise
-                answer = await self._answer(call, newer, started, challenger is not None)
+                answer = await self._answer(call, newer, started, split)
             if self._shadow is not None and challenger is not None and answer.version != challenger.version:
                 self._shadow.offer(call, challenger, answer.outputs)  # after the answer; never waited for
             return answer
 
     async def _answer(self, call: Call, active: ActiveVersion, started: float, split: bool = False) -> Answer:
-        """``active``'s answer to ``call``; with ``split`` (a challenger is served beside the model) the
-        answer is not replayed by the response tier, which is keyed on the request alone: every request
-        reaches the choice of version."""
+        """``active``'s answer to ``call``; with ``split`` (a canary: a challenger beside the model) the
+        answer is not replayed by the response tier, which is keyed on the request alone, so every
+        request reaches the choice of version. (In shadow mode a replayed repeat is not shadowed.)"""
         if call.version is not None and call.version != active.version:
             name, loaded = active.model.name, active.version
             raise ModelNotFound(

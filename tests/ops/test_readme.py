@@ -324,7 +324,8 @@ def live_scrape(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
         models,
         workdir,
         {"FERRY_REDIS_URL": redis.url, "FERRY_RELOAD__POLL_S": "0.2", "FERRY_RELOAD__MAX_BACKOFF_S": "60"}
-        | {"FERRY_GRPC_PORT": str(grpc_port)},
+        | {"FERRY_GRPC_PORT": str(grpc_port)}
+        | {"FERRY_CHALLENGER__MODE": "shadow"},  # linear@challenger: the challenger metrics' reasons
         wait_ready=False,
     )
     try:
