@@ -23,16 +23,14 @@ import logging
 import random
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
+from service.batcher import Batcher
 from service.config import ChallengerSettings
 from service.metrics import Metrics
-
-if TYPE_CHECKING:
-    from service.lifecycle import ActiveVersion
-    from service.pipeline import Call
+from service.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +60,26 @@ def to_challenger(key: str | None, share: float, draw: Callable[[], float] = ran
     ``share`` 0 never, 1 always."""
     point = key_point(key) if key else draw()
     return point < share
+
+
+class Shadowed(Protocol):
+    """What a shadow call needs of a request (``pipeline.Call``): its decoding against a version."""
+
+    @property
+    def decode(self) -> Callable[[LoadedModel], Any]: ...
+
+
+class Version(Protocol):
+    """What a shadow call needs of the challenger (``lifecycle.ActiveVersion``)."""
+
+    @property
+    def model(self) -> LoadedModel: ...
+
+    @property
+    def batcher(self) -> Batcher: ...
+
+    @property
+    def version(self) -> str: ...
 
 
 class Comparison:
@@ -129,7 +147,7 @@ class Shadow:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def offer(self, call: Call, challenger: ActiveVersion, outputs: Mapping[str, np.ndarray]) -> bool:
+    def offer(self, call: Shadowed, challenger: Version, outputs: Mapping[str, np.ndarray]) -> bool:
         """Maybe shadow ``call`` (answered with ``outputs``) on ``challenger``; returns whether a shadow
         call started. Never blocks, never raises."""
         if self._draw() >= self._settings.share:
@@ -148,7 +166,7 @@ class Shadow:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _run(self, call: Call, challenger: ActiveVersion, outputs: Mapping[str, np.ndarray]) -> None:
+    async def _run(self, call: Shadowed, challenger: Version, outputs: Mapping[str, np.ndarray]) -> None:
         name = challenger.model.name
         m = self._metrics
         try:

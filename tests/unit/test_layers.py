@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "service.cache": 1,
     "service.gpu": 1,
     "service.budget": 1,
+    "service.challenger": 1,
     "service.signature": 1,
     "service.columns": 1,
     # L2: model lifecycle and the request pipeline
