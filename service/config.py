@@ -122,6 +122,22 @@ class ReloadSettings(BaseModel):
     max_backoff_s: Annotated[float, Field(gt=0)] = 300.0
     """Longest wait before retrying a version that failed to load or warm up (seconds; doubles from
     ``poll_s`` on each failure)."""
+    webhook_secret: SecretStr | None = None
+    """Secret of the MLflow registry webhook whose deliveries (``POST /webhooks/mlflow``, HMAC-signed)
+    make Ferry check a moved alias at once (at least 16 characters); unset: the route is off (404)."""
+    webhook_secret_file: str | None = None
+    """A file holding ``webhook_secret`` (a mounted Kubernetes Secret; one trailing newline is dropped)."""
+    webhook_max_age_s: Annotated[float, Field(gt=0)] = 300.0
+    """Replay window: a delivery whose ``X-MLflow-Timestamp`` is further than this from Ferry's clock is
+    refused (seconds)."""
+
+    @model_validator(mode="after")
+    def _one_webhook_secret(self) -> ReloadSettings:
+        if self.webhook_secret is not None and self.webhook_secret_file is not None:
+            raise ValueError("set webhook_secret or webhook_secret_file, not both")
+        if self.webhook_secret is not None and len(self.webhook_secret.get_secret_value()) < 16:
+            raise ValueError("webhook_secret must be at least 16 characters (e.g. openssl rand -hex 32)")
+        return self
 
 
 class MemorySettings(BaseModel):

@@ -43,6 +43,14 @@ STAGES = ("queue", "compute", "total")
 REJECT_REASONS = ("overload", "timeout", "invalid_input", "client_gone")
 HTTP_REJECT_REASONS = ("concurrency", "header_timeout", "header_size", "body_timeout")
 """Why the HTTP layer refused a request before any model saw it (``ferry_http_rejected_total``)."""
+WEBHOOK_SERIES = (
+    ("model_version_alias.created", "accepted"),
+    ("model_version_alias.created", "ignored"),
+    ("unknown", "bad_signature"),
+    ("unknown", "stale"),
+    ("unknown", "replayed"),
+)
+"""The ``ferry_webhooks_total`` series exported at 0 before any delivery."""
 LOAD_REASONS = ("startup", "first_request", "reload", "admin", "repository")
 UNLOAD_REASONS = ("evicted", "repository", "admin")
 """Why a model was loaded or unloaded (``ferry_model_loads_total``, ``ferry_model_unloads_total``)."""
@@ -183,6 +191,17 @@ class Metrics:
             ["model", "result"],
             registry=r,
         )
+        self.webhooks = Counter(
+            "ferry_webhooks_total",
+            "MLflow registry webhook deliveries (POST /webhooks/mlflow), by event "
+            "(model_version_alias.created/deleted, other, unknown: not authenticated or not parsed) and "
+            "outcome: accepted (a served model is checked now), ignored (no served model follows it), "
+            "bad_signature, stale (timestamp out of the window), replayed (delivery id seen), invalid.",
+            ["event", "outcome"],
+            registry=r,
+        )
+        for event, outcome in WEBHOOK_SERIES:  # exported at 0 from the start
+            self.webhooks.labels(event, outcome)
         self.model_ready = Gauge(
             "ferry_model_ready",
             "1 when the model is loaded, warmed up and serving; 0 otherwise.",

@@ -28,7 +28,7 @@ from service.api.middleware import FastPath
 from service.api.protocols import PROTOCOLS, codec_routes, ferry, repository, unmetered_paths
 from service.api.protocols.base import declare
 from service.api.replay import ResponseCache
-from service.api.routes import admin, health
+from service.api.routes import admin, health, webhooks
 from service.cache import build_cache
 from service.config import Settings
 from service.gpu import GpuCollector, load_nvml
@@ -38,6 +38,7 @@ from service.pipeline import Pipeline
 from service.registry import ModelRegistry
 from service.reloader import Reloader
 from service.runtime.torch import cuda_memory
+from service.webhooks import Verifier, WebhookReceiver, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def create_app(
     registry (tests hand in a fake one with fake runtimes, to test the app in process)."""
     metrics = metrics or Metrics()
     metrics.build_info.info({"version": __version__})
+    webhook_secret = read_secret(settings.reload)  # an unreadable secret file fails start-up
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,8 +78,13 @@ def create_app(
                 app.state.grpc_server = grpc_server
             loading = asyncio.create_task(_start(models), name="load-models")
             stack.push_async_callback(_cancel, loading)
+            reloader = Reloader(models, models_from, metrics, settings.reload)
+            if webhook_secret is not None:  # push reloads: the same check, run when MLflow says so
+                verifier = Verifier(webhook_secret, settings.reload.webhook_max_age_s)
+                receiver = WebhookReceiver(verifier, models, reloader, metrics)
+                stack.push_async_callback(receiver.close)
+                app.state.webhooks = receiver
             if settings.reload.poll_s > 0:
-                reloader = Reloader(models, models_from, metrics, settings.reload)
                 following = asyncio.create_task(reloader.run(), name="follow-aliases")
                 stack.push_async_callback(_cancel, following)
             yield
@@ -122,6 +129,8 @@ def create_app(
         app.state.admin_keys = admin_keys
         app.include_router(admin.router)
         app.include_router(repository.router)  # v2's model repository extension, as protected
+    if webhook_secret is not None:  # off (404) without a secret: the signature is its only authentication
+        app.include_router(webhooks.router)
     for protocol in PROTOCOLS:
         declare(app, protocol, pipeline_of)
         if protocol is ferry.PROTOCOL and settings.metrics_port is None:
