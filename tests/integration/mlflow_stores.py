@@ -54,10 +54,10 @@ def postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_tracking_server(root: Path, timeout_s: float = 120.0) -> Server:
+def start_tracking_server(root: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> Server:
     """``mlflow server`` on a free port: runs and registry in ``root/mlflow.db``, artifacts proxied from
     ``root/artifacts`` (experiments created without a location get ``mlflow-artifacts:/``); returned once
-    ``/health`` answers."""
+    ``/health`` answers. ``env`` adds variables (``MLFLOW_*`` ones too) to its clean environment."""
     port = free_port()
     argv = [
         sys.executable, "-m", "mlflow", "server",
@@ -65,10 +65,11 @@ def start_tracking_server(root: Path, timeout_s: float = 120.0) -> Server:
         "--artifacts-destination", str(root / "artifacts"),
         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    clean["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{clean.get('PATH', '')}"
+    clean |= env or {}
     server = launch(
-        "mlflow-server", argv, root / f"mlflow-{port}.log", url=f"http://127.0.0.1:{port}", env=env
+        "mlflow-server", argv, root / f"mlflow-{port}.log", url=f"http://127.0.0.1:{port}", env=clean
     )
     try:
         wait_ready(server, "/health", timeout_s)
