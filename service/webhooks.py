@@ -10,9 +10,10 @@ MLflow 3's tracking server (SQL backend) POSTs a JSON delivery to each webhook s
 A delivery is refused unless its signature verifies under ``FERRY_RELOAD__WEBHOOK_SECRET`` (compared in
 constant time), its timestamp is within ``FERRY_RELOAD__WEBHOOK_MAX_AGE_S`` of Ferry's clock, and its
 delivery id was not accepted before (the last ``REMEMBERED`` ids are kept, each until its timestamp is
-out of the window). An accepted event for a served ``models:/NAME@ALIAS`` runs ``Reloader.check`` of
-that model in the background, the very check polling runs; the answer does not wait for it. Events for
-anything else are answered 200 and counted as ignored. ``ferry_webhooks_total`` counts every delivery
+out of the window). An accepted event for a served ``models:/NAME@ALIAS`` (or the challenger alias
+beside one) runs what a poll runs for that model in the background, ``Reloader.check`` and then
+``ModelSet.follow_challenger``; the answer does not wait for it. Events for anything else are answered
+200 and counted as ignored. ``ferry_webhooks_total`` counts every delivery
 by event and outcome.
 """
 
@@ -205,10 +206,12 @@ def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
     return event, data
 
 
-def follows(slot: ModelSlot, name: str, alias: str) -> bool:
-    """Whether ``slot`` is served from ``models:/name@alias``."""
+def follows(models: ModelSet, slot: ModelSlot, name: str, alias: str) -> bool:
+    """Whether ``slot`` is served from ``models:/name@alias``, or takes its challenger from there."""
     match = _ALIAS_URI.match(slot.spec.uri)
-    return match is not None and match["name"] == name and match["alias"] == alias
+    if match is not None and match["name"] == name and match["alias"] == alias:
+        return True
+    return models.challenger_uri(slot.spec) == f"models:/{name}@{alias}"
 
 
 class WebhookReceiver:
@@ -238,7 +241,7 @@ class WebhookReceiver:
             )
             return {"outcome": "ignored", "event": event, "reason": "not an alias event"}
         name, alias = data["name"], data["alias"]
-        slots = [slot for slot in self._models.slots() if follows(slot, name, alias)]
+        slots = [slot for slot in self._models.slots() if follows(self._models, slot, name, alias)]
         if not slots:
             self._count(event, "ignored")
             log.info(
@@ -290,8 +293,9 @@ class WebhookReceiver:
         self._running[slot.name] = task
 
     async def _follow(self, slot: ModelSlot) -> None:
-        """``Reloader.check`` until a check ran to its end: a load in progress (which may be of the
-        version before the move) is waited for, then the alias is looked up again."""
+        """What a poll does for this model: ``Reloader.check`` until a check ran to its end (a load in
+        progress, which may be of the version before the move, is waited for, then the alias is looked
+        up again), then, with challenger traffic on, ``ModelSet.follow_challenger``."""
         try:
             await self._follow_until_done(slot)
         finally:  # no await between the last look at ``_again`` and this: no delivery is lost
@@ -313,5 +317,10 @@ class WebhookReceiver:
                     await asyncio.sleep(0.05)
                 continue
             log.debug("model %s: check after a webhook: %s", slot.name, result)
+            if self._models.challenger_uri(slot.spec) is not None:
+                try:  # after the champion, as a poll does: a challenger is kept only beside one
+                    await self._models.follow_challenger(slot.name)
+                except Exception:
+                    log.exception("model %s: challenger check after a webhook failed", slot.name)
             if slot.name not in self._again:
                 return

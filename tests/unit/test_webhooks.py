@@ -24,6 +24,7 @@ from service.api.app import create_app
 from service.config import ReloadSettings, Settings
 from service.errors import ConfigurationError
 from service.metrics import Metrics
+from service.registry import ModelRef
 from service.webhooks import (
     BadSignature,
     InvalidDelivery,
@@ -334,3 +335,48 @@ async def test_events_for_what_ferry_does_not_serve_are_ignored(served: Served) 
 
 def _now() -> float:
     return time.time()
+
+
+class AliasRegistry(FakeRegistry):
+    """``FakeRegistry`` whose aliases point at versions of their own (``aliases``)."""
+
+    def __init__(self, aliases: dict[str, str]) -> None:
+        super().__init__()
+        self.aliases = aliases
+
+    def resolve(self, uri: str) -> ModelRef:
+        base, _, alias = uri.partition("@")
+        version = self.aliases[alias]
+        source = f"{base}/{version}"
+        return ModelRef(uri=uri, alias=alias, version=version, download_uri=source, source=source)
+
+
+@pytest.mark.asyncio
+async def test_a_challenger_alias_move_is_followed_as_a_poll_follows_it() -> None:
+    registry = AliasRegistry({"champion": "2", "challenger": "3"})
+    settings = Settings(
+        models=["m=models:/m@champion"],
+        reload=ReloadSettings(poll_s=0, webhook_secret=SECRET),  # type: ignore[arg-type]
+        challenger={"mode": "shadow"},  # type: ignore[arg-type]
+    )
+    app = create_app(settings, Metrics(process=False), registry)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        models = app.state.pipeline.models
+
+        def challenger() -> str | None:
+            version = models.challenger("m")
+            return None if version is None else str(version.version)
+
+        for _ in range(500):
+            if models.ready() and challenger() is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert challenger() == "3"
+        registry.aliases["challenger"] = "4"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://f") as client:
+            data = {"name": "m", "alias": "challenger", "version": "4"}
+            headers, body = delivery(data, timestamp=_now())
+            r = await client.post("/webhooks/mlflow", headers=headers, content=body)
+            await app.state.webhooks.idle()
+        assert r.status_code == 200 and r.json()["models"] == ["m"], r.text
+        assert challenger() == "4" and models.active("m").version == "2"
