@@ -380,3 +380,75 @@ async def test_a_challenger_alias_move_is_followed_as_a_poll_follows_it() -> Non
             await app.state.webhooks.idle()
         assert r.status_code == 200 and r.json()["models"] == ["m"], r.text
         assert challenger() == "4" and models.active("m").version == "2"
+
+
+@pytest.mark.asyncio
+async def test_the_route_takes_no_api_key_its_signature_is_the_authentication() -> None:
+    settings = Settings(
+        models=["m=models:/m@champion"],
+        api_keys="inference-key",  # type: ignore[arg-type]
+        reload=ReloadSettings(poll_s=0, webhook_secret=SECRET),  # type: ignore[arg-type]
+    )
+    app = create_app(settings, Metrics(process=False), FakeRegistry())  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://f") as client,
+    ):
+        assert (await client.post("/predict", json={"inputs": [[1.0, 1.0]]})).status_code == 401
+        headers, body = delivery({"name": "other", "alias": "champion"}, timestamp=_now())
+        r = await client.post("/webhooks/mlflow", headers=headers, content=body)
+        assert r.status_code == 200 and r.json()["outcome"] == "ignored", r.text
+        r = await client.post(
+            "/webhooks/mlflow", headers={"Authorization": "Bearer inference-key"}, content=body
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "bad_signature"
+
+
+async def until(condition: Any, what: str) -> None:
+    """Until ``condition()`` holds; fails after 10 s of event-loop turns rather than hanging."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def deliver(served: Served) -> str:
+    """A signed move of m@champion, without waiting for the check it starts; its outcome."""
+    headers, body = delivery(timestamp=_now())
+    r = await served.client.post("/webhooks/mlflow", headers=headers, content=body)
+    assert r.status_code == 200, r.text
+    return str(r.json()["outcome"])
+
+
+@pytest.mark.asyncio
+async def test_deliveries_during_a_check_are_not_lost(served: Served) -> None:
+    """A move while the check of the previous one is loading runs the check once more after it."""
+    served.registry.gate.clear()  # loads wait
+    served.registry.version = "3"
+    assert await deliver(served) == "accepted"
+    await until(lambda: served.registry.loads[-1] == ("m", "3"), "the check loads v3")
+    served.registry.version = "4"
+    assert await deliver(served) == "accepted"
+    served.registry.gate.set()
+    await served.app.state.webhooks.idle()
+    assert await served.version() == "4"
+    assert [v for name, v in served.registry.loads if name == "m"][-2:] == ["3", "4"]
+
+
+@pytest.mark.asyncio
+async def test_a_load_in_progress_is_waited_for_then_the_alias_looked_up_again(served: Served) -> None:
+    """A delivery that finds another load of the model running (the admin API's, here) does not skip
+    it, as a poll does: it waits, then checks the alias again."""
+    models = served.app.state.pipeline.models
+    served.registry.gate.clear()
+    served.registry.version = "3"
+    admin = asyncio.create_task(models.load("m", reason="admin"))
+    await until(lambda: served.registry.loads[-1] == ("m", "3"), "the admin load of v3")
+    served.registry.version = "4"
+    assert await deliver(served) == "accepted"
+    served.registry.gate.set()
+    await admin
+    await served.app.state.webhooks.idle()
+    assert await served.version() == "4"
