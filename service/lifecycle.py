@@ -172,6 +172,8 @@ class ModelSet:
         self._challenger_locks: dict[str, asyncio.Lock] = {}
         """One challenger load or drop per model at a time (start-up and the reloader both follow it)."""
         self._background: set[asyncio.Task[bool]] = set()
+        self._challenger_rejected: dict[str, tuple[str, float]] = {}
+        """Per model: the challenger source that last failed to load, and when to try it again."""
         if settings.challenger.mode != "off":
             for spec in specs:
                 if self.challenger_uri(spec) is not None:
@@ -654,11 +656,18 @@ class ModelSet:
             current = slot.challenger
             if current is not None and current.model.ref.source == ref.source:
                 return "unchanged"
+            rejected = self._challenger_rejected.get(name)
+            if rejected is not None and rejected[0] == ref.source and time.monotonic() < rejected[1]:
+                return "backoff"  # the same version failed a moment ago: tried again after a while
             try:
                 new = await self._load_challenger(slot, ref)
             except FerryError as exc:
-                log.error("model %s challenger v%s not loaded: %s", name, ref.version, exc.message)
+                wait = self._settings.reload.max_backoff_s
+                self._challenger_rejected[name] = (ref.source, time.monotonic() + wait)
+                log.error("model %s challenger v%s not loaded (tried again in %.0fs, or when its alias "
+                          "moves): %s", name, ref.version, wait, exc.message)  # fmt: skip
                 return "rejected"
+            self._challenger_rejected.pop(name, None)
             if slot.challenger is not current or self._slots.get(name) is not slot or slot.active is None:
                 await self._retire_challenger(slot, new)  # the model went meanwhile
                 return "no-champion"

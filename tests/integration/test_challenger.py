@@ -328,3 +328,39 @@ def test_the_challenger_follows_its_alias(
         assert "Traceback" not in server.log()
     finally:
         stop_server(server)
+
+
+# -- memory budget ---------------------------------------------------------------------------------
+def test_the_memory_budget_counts_the_challenger(
+    chal_registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from service.budget import files_size
+
+    env = {"FERRY_CHALLENGER__MODE": "canary", "FERRY_CHALLENGER__SHARE": "1"}
+    server = _serve(
+        chal_registry, tmp_path_factory, "canary", env | {"FERRY_MEMORY__BUDGET_BYTES": str(10**10)}
+    )
+    try:
+        downloads = Path(server.log_path).parent / "downloads" / "models" / "canary"
+        champion, challenger = files_size(downloads / "1"), files_size(downloads / "2")
+        assert champion > 0 and challenger > 0
+        assert metric(scrape(server), "ferry_memory_used_bytes") == champion + challenger
+    finally:
+        stop_server(server)
+    # One byte short of both: the champion loads, the challenger does not (nothing is evicted for it),
+    # and the champion answers every request of a share-1 canary.
+    budget = {"FERRY_MEMORY__BUDGET_BYTES": str(champion + challenger - 1)}
+    server = start_server(
+        chal_registry,
+        "canary=models:/canary@champion",
+        tmp_path_factory.mktemp("short"),
+        QUIET | env | budget,
+    )
+    try:
+        until(lambda: "challenger v2 not loaded" in server.log(), "the refused challenger's log line")
+        text = scrape(server)
+        assert metric(text, "ferry_challenger_ready", model="canary") == 0
+        assert metric(text, "ferry_memory_used_bytes") == champion
+        assert {predict(server, "canary", [[1.0, 2.0, 3.0, 4.0]], key=f"k{i}")[0] for i in range(10)} == {"1"}
+    finally:
+        stop_server(server)
