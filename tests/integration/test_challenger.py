@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlflow
@@ -23,7 +24,17 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from conftest import Registry, Server, export_onnx, log_onnx, metric, start_server, stop_server, wait_until
+from conftest import (
+    Registry,
+    Server,
+    export_onnx,
+    free_port,
+    log_onnx,
+    metric,
+    start_server,
+    stop_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +136,23 @@ def predict_v2(server: Server, model: str, rows: list[list[float]], key: str) ->
     assert answer["model_version"] == r.headers["X-Model-Version"]
     out = answer["outputs"][0]
     return answer["model_version"], np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def grpc_infer(target: str, row: list[float], key: str) -> Any:
+    """One gRPC ModelInfer of ``canary`` with the request key as metadata."""
+    import grpc
+
+    from service.grpc import messages
+
+    request = messages.ModelInferRequest(model_name="canary")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, len(row)]).contents.fp32_contents.extend(row)
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(
+            f"/{messages.SERVICE}/ModelInfer",
+            request_serializer=messages.ModelInferRequest.SerializeToString,
+            response_deserializer=messages.ModelInferResponse.FromString,
+        )
+        return infer(request, timeout=30, metadata=(("x-request-key", key),))
 
 
 def expected(version: str, rows: list[list[float]], by_version: dict[str, str]) -> np.ndarray:
@@ -245,11 +273,16 @@ def test_a_failing_or_hanging_challenger_changes_no_answer(
 def test_canary_is_sticky_by_key_and_splits_by_share(
     chal_registry: Registry, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    grpc_port = free_port()
     server = _serve(
         chal_registry,
         tmp_path_factory,
         "canary",
-        {"FERRY_CHALLENGER__MODE": "canary", "FERRY_CHALLENGER__SHARE": "0.5"},
+        {
+            "FERRY_CHALLENGER__MODE": "canary",
+            "FERRY_CHALLENGER__SHARE": "0.5",
+            "FERRY_GRPC_PORT": str(grpc_port),
+        },
     )
     try:
         rows = [[1.0, 5.0, 2.0, 0.0]]
@@ -263,6 +296,11 @@ def test_canary_is_sticky_by_key_and_splits_by_share(
         for key, version in list(side.items())[:40]:  # the same key, any protocol: the same version
             assert predict(server, "canary", [[float(len(key)), 0.0, 1.0, 2.0]], key=key)[0] == version
             assert predict_v2(server, "canary", rows, key=key)[0] == version
+        for key, version in list(side.items())[:20]:  # gRPC: the key travels as metadata
+            answer = grpc_infer(f"127.0.0.1:{grpc_port}", rows[0], key)
+            assert answer.model_version == version
+            want = expected(version, rows, CANARY)[0].tolist()
+            assert list(answer.outputs[0].contents.fp32_contents) == want
         unkeyed = {predict(server, "canary", rows)[0] for _ in range(40)}
         assert unkeyed == {"1", "2"}
         text = scrape(server)
