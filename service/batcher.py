@@ -12,6 +12,19 @@ rows than ``max_rows`` runs alone. A request that gives up (deadline, cancellati
 once; one whose ``gone`` probe says nobody waits any more (its client hung up) is dropped when the worker
 reaches it, so queued work of departed clients never reaches the model. The batcher knows no models, no
 HTTP and no metrics library.
+
+A cheap model answers a lone request inline, on the event loop, without the two thread hops (the loop
+wakes the worker, the worker wakes the loop; on a busy machine each waits for a core): when
+``inline_max_s`` is set, the queue is empty, no batch computes, and the model's measured compute time
+(an EWMA over its calls, scaled to the request's rows) is below ``inline_max_s``. Such a request first
+claims the model and yields the loop once, so the requests that arrived with it (a burst of load) reach
+the queue; the worker leaves them there while the claim stands. If any came, the claimant joins them at
+the head of the queue and they run as one batch, in arrival order: under load, batching is as before.
+If none came, the claimant runs inline. Nothing can be ahead of it, and nothing joins it while it runs
+(requests arrive on the loop, which it holds), so the guarantees above hold: it starts only if its
+deadline has not passed and its ``gone`` probe says somebody waits, fails alone as a lone batch would,
+and an answer later than its deadline is a deadline error. Until the model's first call is measured
+(the warm-up's, on the worker), nothing runs inline.
 """
 
 from __future__ import annotations
@@ -91,6 +104,7 @@ class Batcher:
         enabled: bool = True,
         observer: BatchObserver | None = None,
         name: str = "model",
+        inline_max_s: float = 0.0,
     ) -> None:
         self._run_fn = run
         self._max_rows = max_rows if enabled else 1
@@ -108,10 +122,17 @@ class Batcher:
         self._inflight = 0
         self._closing = False
         self._stopped = False
-        self._thread = threading.Thread(target=self._work, name=f"ferry-{name}", daemon=True)
-        self._thread.start()
+        self._claimed = False  # a lone request decides whether it runs inline: the worker waits
+        # Inline runs gather nothing: off when the operator asked batches to wait for more rows.
+        self._inline_max_s = inline_max_s if not self._max_wait_s else 0.0
+        self._call_s: float | None = None  # EWMA of a model call's compute time (seconds)
+        self._call_rows = 1.0  # EWMA of a model call's rows
         self.batches = 0
         """Model calls made so far (for tests and the benchmark)."""
+        self.inline = 0
+        """Requests answered inline on the event loop so far (for tests and the benchmark)."""
+        self._thread = threading.Thread(target=self._work, name=f"ferry-{name}", daemon=True)
+        self._thread.start()
 
     @property
     def queued_rows(self) -> int:
@@ -137,15 +158,44 @@ class Batcher:
         """
         if self._closing:
             raise NotReady("model is shutting down")
+        head = False  # a claimant that found company: it joins the queue ahead of those that came after it
+        if (
+            self._inline_max_s
+            and not self._claimed
+            and not self._queue
+            and not self._inflight
+            and self._cheap(rows)
+        ):
+            with self._lock:
+                self._claimed = True
+            try:
+                await asyncio.sleep(0)  # the requests that arrived with this one reach the queue
+            except BaseException:
+                self._unclaim()
+                raise
+            if self.closing:  # close began while it yielded
+                self._unclaim()
+                raise NotReady("model is shutting down")
+            if not self._queue and not self._inflight:
+                self._claimed = False  # nothing waits for the worker, and nothing can arrive meanwhile
+                return self._run_inline(inputs, rows, timeout_s, params, gone)
+            head = True
         future: asyncio.Future[BatchResult] = self._loop.create_future()
         with self._lock:
+            if head:
+                self._claimed = False
             if self._rows and self._rows + rows > self._queue_rows:
+                if head:
+                    self._arrived.notify()  # the requests queued during the claim run without this one
                 raise Overloaded(
                     f"queue full ({self._rows} rows waiting, limit {self._queue_rows}); retry shortly",
                     queued_rows=self._rows,
                 )
             pending = _Pending(inputs, rows, future, time.perf_counter(), params or None, gone)
-            self._queue.append(pending)
+            if head:
+                self._queue.appendleft(pending)
+            else:
+                self._queue.append(pending)
             self._rows += rows
             queued = self._rows
             self._arrived.notify()
@@ -160,6 +210,51 @@ class Batcher:
         except asyncio.CancelledError:
             self._withdraw(pending)
             raise
+
+    def _unclaim(self) -> None:
+        """Give up a claim; the worker takes what queued meanwhile."""
+        with self._lock:
+            self._claimed = False
+            self._arrived.notify()
+
+    def _cheap(self, rows: int) -> bool:
+        """Whether ``rows`` rows are expected to compute within ``inline_max_s`` (unknown: no)."""
+        call_s = self._call_s
+        if call_s is None or rows > self._max_rows:
+            return False
+        return call_s * max(1.0, rows / self._call_rows) <= self._inline_max_s
+
+    def _run_inline(
+        self, inputs: Arrays, rows: int, timeout_s: float, params: Params | None, gone: Probe | None
+    ) -> BatchResult:
+        """Run one request on the event loop's thread, as the worker would run it alone (see the module
+        docstring)."""
+        if timeout_s <= 0:
+            raise DeadlineExceeded(f"no result within the {timeout_s * 1000:.0f} ms deadline")
+        if gone is not None and gone():
+            if self._observer:
+                self._observer.abandoned(1)
+            raise ClientGone("the client hung up before its rows reached the model")
+        self.inline += 1
+        outcome = self._call_one(inputs, rows, params or None)
+        if isinstance(outcome, Exception):
+            raise self._error(outcome, 1) from None
+        outputs, _start, compute_s = outcome
+        self.batches += 1
+        self._measured(rows, compute_s)
+        if self._observer:
+            self._observer.batch(rows, compute_s)
+        if compute_s > timeout_s:
+            raise DeadlineExceeded(f"no result within the {timeout_s * 1000:.0f} ms deadline")
+        return BatchResult(outputs, 0.0, compute_s)
+
+    def _measured(self, rows: int, compute_s: float) -> None:
+        """Fold one model call into the compute-time EWMA that decides inline runs."""
+        if self._call_s is None:
+            self._call_s, self._call_rows = compute_s, float(rows)
+        else:
+            self._call_s += _EWMA * (compute_s - self._call_s)
+            self._call_rows += _EWMA * (rows - self._call_rows)
 
     def _withdraw(self, pending: _Pending) -> None:
         """Take a request that gave up out of the queue at once, so its rows stop counting against the limit.
@@ -200,7 +295,7 @@ class Batcher:
     def _work(self) -> None:
         while True:
             with self._arrived:
-                while not self._queue and not self._stopped:
+                while (not self._queue or self._claimed) and not self._stopped:
                     self._arrived.wait()
                 if self._stopped:
                     return
@@ -269,11 +364,21 @@ class Batcher:
 
     def _call(self, batch: list[_Pending]) -> tuple[dict[str, np.ndarray], float, float] | Exception:
         """The model's outputs for a batch with when it started and how long it took, or its error."""
-        rows = sum(p.rows for p in batch)
+        if len(batch) == 1:
+            return self._call_one(batch[0].inputs, batch[0].rows, batch[0].params)
+        try:
+            inputs = _concat([p.inputs for p in batch])
+        except Exception as exc:
+            return exc
+        return self._call_one(inputs, sum(p.rows for p in batch), batch[0].params)
+
+    def _call_one(
+        self, inputs: Arrays, rows: int, params: Params | None
+    ) -> tuple[dict[str, np.ndarray], float, float] | Exception:
+        """The model's outputs for ``rows`` rows with when it started and how long it took, or its error."""
         start = time.perf_counter()
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else _concat([p.inputs for p in batch])
-            outputs = self._run_fn(inputs, batch[0].params)
+            outputs = self._run_fn(inputs, params)
             compute_s = time.perf_counter() - start
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != rows:
@@ -292,8 +397,10 @@ class Batcher:
             return
         outputs, start, compute_s = outcome
         self.batches += 1
+        rows = sum(p.rows for p in batch)
+        self._measured(rows, compute_s)
         if self._observer:
-            self._observer.batch(sum(p.rows for p in batch), compute_s)
+            self._observer.batch(rows, compute_s)
         self._to_loop(self._deliver, batch, outputs, start, compute_s)
 
     def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
@@ -324,18 +431,24 @@ class Batcher:
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         with self._lock:
             self._inflight -= 1
-        if isinstance(exc, InvalidInput):  # the parameters all these requests sent (they share them)
-            error: Exception = exc
-        else:
-            log.error("model call failed for a batch of %d request(s): %r", len(batch), exc, exc_info=exc)
-            if self._observer:
-                self._observer.failed(len(batch))
-            error = (
-                exc if isinstance(exc, InferenceFailed) else InferenceFailed("the model failed on this batch")
-            )
+        error = self._error(exc, len(batch))
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(error)
+
+    def _error(self, exc: Exception, requests: int) -> Exception:
+        """What the requests of a failed model call get: an ``InvalidInput`` as it is (the parameters
+        they all sent), anything else logged, counted and an ``InferenceFailed``."""
+        if isinstance(exc, InvalidInput):
+            return exc
+        log.error("model call failed for a batch of %d request(s): %r", requests, exc, exc_info=exc)
+        if self._observer:
+            self._observer.failed(requests)
+        return exc if isinstance(exc, InferenceFailed) else InferenceFailed("the model failed on this batch")
+
+
+_EWMA = 0.2
+"""Weight of the newest model call in the compute-time average."""
 
 
 def _shared(exc: Exception) -> bool:

@@ -34,6 +34,11 @@ class BatchSettings(BaseModel):
     """Most rows waiting per model; beyond it requests get 503 with Retry-After (rows)."""
     timeout_ms: Annotated[float, Field(gt=0)] = 30_000.0
     """Deadline of one request inside the service, queue wait and compute (milliseconds); 504 after it."""
+    inline_max_us: Annotated[float, Field(ge=0)] = 200.0
+    """A request that finds its ONNX or PyTorch model idle (nothing queued or computing, no other request
+    arriving with it) runs on the event loop, without the worker thread's two hops, when the model's
+    measured compute time is below this (microseconds); 0 never. Not for pyfunc models (their code may
+    wait), nor when ``max_wait_ms`` is set (batches wait for more rows)."""
 
 
 class RuntimeSettings(BaseModel):

@@ -572,6 +572,8 @@ class ModelSet:
             enabled=batch.enabled,
             observer=slot_metrics,
             name=name,
+            # Only compute runs inline: a pyfunc model's own code may wait (I/O, a lock) and hold the loop.
+            inline_max_s=batch.inline_max_us / 1e6 if model.flavor in ("onnx", "pytorch") else 0.0,
         )
         return batcher, slot_metrics
 

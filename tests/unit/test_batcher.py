@@ -361,3 +361,221 @@ async def test_a_client_leaving_after_its_rows_joined_a_batch_changes_nothing() 
     model.gate.set()
     assert (await running).outputs["y"].item() == 2
     await batcher.close()
+
+
+# -- inline runs: a cheap model answers a lone request on the event loop (issue 15) ---------------------
+class ThreadRecording:
+    """Doubles its input and records the thread of each call; a call of value -1 raises, of -2 returns
+    the wrong number of rows, and each call waits for the gate (open unless a test closes it)."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.calls: list[int] = []
+        self.inputs: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], params: Any = None) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.threads.append(threading.get_ident())
+        self.calls.append(x.shape[0])
+        self.inputs.append(x.ravel().tolist())
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        if (x == -1).any():
+            raise RuntimeError("boom")
+        if (x == -2).any():
+            return {"y": np.zeros((x.shape[0] + 1, 1), dtype=np.float32)}
+        return {"y": x * 2}
+
+
+async def measured(model: ThreadRecording, inline_max_s: float = 10.0, **kwargs: Any) -> Batcher:
+    """A batcher with inline runs allowed below ``inline_max_s`` whose model's compute time is measured
+    (one call, on the worker, as a warm-up makes it)."""
+    batcher = Batcher(model, max_rows=8, queue_rows=64, inline_max_s=inline_max_s, **kwargs)
+    await batcher.submit(rows(0), 1, 5)
+    assert model.threads == [batcher._thread.ident]  # nothing measured yet: the worker ran it
+    return batcher
+
+
+@pytest.mark.asyncio
+async def test_a_cheap_idle_model_answers_a_lone_request_on_the_event_loop() -> None:
+    model = ThreadRecording()
+    observer = Counting()
+    batcher = await measured(model, observer=observer)
+    for value in (1.5, 2.5):
+        result = await batcher.submit(rows(value), 1, 5)
+        assert result.outputs["y"].item() == value * 2
+    assert model.threads[1:] == [threading.get_ident()] * 2
+    assert batcher.inline == 2 and batcher.batches == 3
+    assert observer.batches == [1, 1, 1]  # inline calls are reported like the worker's
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_an_expensive_model_or_a_zero_bound_never_runs_inline() -> None:
+    for bound in (1e-12, 0.0):  # no call computes within a picosecond; 0 turns inline runs off
+        model = ThreadRecording()
+        batcher = Batcher(model, max_rows=8, queue_rows=64, inline_max_s=bound)
+        for value in range(4):
+            await batcher.submit(rows(value), 1, 5)
+        assert set(model.threads) == {batcher._thread.ident}
+        assert batcher.inline == 0 and batcher.batches == 4
+        await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_max_wait_turns_inline_runs_off() -> None:
+    model = ThreadRecording()
+    batcher = Batcher(model, max_rows=1, queue_rows=64, max_wait_s=30.0, inline_max_s=10.0)
+    for value in range(3):  # max_rows=1 fills each batch at once: no wait
+        await batcher.submit(rows(value), 1, 5)
+    assert set(model.threads) == {batcher._thread.ident} and batcher.inline == 0
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_rows_beyond_the_measured_cost_or_max_rows_go_to_the_worker() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    batcher._inline_max_s = 0.004
+    # 1 ms per call of 1 row, as if measured (set here before each request: no timing in tests)
+    batcher._call_s, batcher._call_rows = 0.001, 1.0
+    await batcher.submit(rows(1, 2, 3, 4), 4, 5)  # 4 rows: 4 ms expected, within the bound
+    batcher._call_s, batcher._call_rows = 0.001, 1.0
+    await batcher.submit(rows(1, 2, 3, 4, 5), 5, 5)  # 5 ms expected: the worker
+    assert model.threads[1:] == [threading.get_ident(), batcher._thread.ident]
+    batcher._call_s, batcher._call_rows = 0.0, 1.0
+    await batcher.submit(rows(*range(9)), 9, 5)  # more than max_rows runs alone, on the worker
+    assert model.threads[-1] == batcher._thread.ident
+    assert batcher.inline == 1
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_busy_model_queues_and_batches_as_before() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    model.gate.clear()
+    model.entered.clear()
+    # More rows than max_rows: the worker computes it, and the model is busy meanwhile.
+    big = asyncio.create_task(batcher.submit(rows(*range(9)), 9, 5))
+    assert await asyncio.to_thread(model.entered.wait, 10)
+    queued = [asyncio.create_task(batcher.submit(rows(v), 1, 5)) for v in (10, 20, 30)]
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 3  # none ran inline beside the busy model
+    model.gate.set()
+    await big
+    assert [(await t).outputs["y"].item() for t in queued] == [20, 40, 60]
+    assert model.calls == [1, 9, 3]
+    assert set(model.threads) == {batcher._thread.ident} and batcher.inline == 0
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_arriving_together_at_an_idle_model_share_a_batch_in_arrival_order() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    # Four requests reach the batcher in the same turn of the loop, as a burst of connections does:
+    # the first claims the model, yields once, finds the other three queued and joins them at the head.
+    results = await asyncio.gather(*(batcher.submit(rows(v), 1, 5) for v in (1, 2, 3, 4)))
+    assert [r.outputs["y"].item() for r in results] == [2, 4, 6, 8]
+    assert model.inputs[1:] == [[1, 2, 3, 4]]  # one batch of all four, the claimant first
+    assert model.threads[1] == batcher._thread.ident and batcher.inline == 0
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_claimant_that_is_cancelled_lets_the_queued_requests_run() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    claimant = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    other = asyncio.create_task(batcher.submit(rows(2), 1, 5))
+    await asyncio.sleep(0)  # the claimant claimed the model and yielded; the other queued behind it
+    assert batcher._claimed
+    assert batcher.queued_rows == 1 and model.calls == [1]  # the worker leaves it there meanwhile
+    claimant.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await claimant
+    assert (await other).outputs["y"].item() == 4
+    assert model.calls == [1, 1] and not batcher._claimed
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_the_worker_leaves_the_queue_alone_while_a_claim_stands() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    model.entered.clear()
+    with batcher._lock:
+        batcher._claimed = True  # as a claimant holds it while it yields
+    queued = asyncio.create_task(batcher.submit(rows(2), 1, 5))
+    await asyncio.sleep(0)
+    assert batcher.queued_rows == 1
+    # The worker was notified, and holds the GIL whenever this wait releases it: it must still not run.
+    assert not await asyncio.to_thread(model.entered.wait, 0.2)
+    batcher._unclaim()
+    assert (await queued).outputs["y"].item() == 4
+    assert model.threads[-1] == batcher._thread.ident
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_an_inline_request_keeps_deadlines_hangups_and_errors() -> None:
+    model = ThreadRecording()
+    observer = Counting()
+    batcher = await measured(model, observer=observer)
+    with pytest.raises(DeadlineExceeded):  # its deadline passed before it started: the model never runs
+        await batcher.submit(rows(1), 1, timeout_s=0.0)
+    with pytest.raises(ClientGone):
+        await batcher.submit(rows(1), 1, 5, gone=lambda: True)
+    assert observer.abandoned_requests == 1
+    with pytest.raises(InferenceFailed):
+        await batcher.submit(rows(-1), 1, 5)
+    with pytest.raises(InferenceFailed, match="expected 1 rows"):
+        await batcher.submit(rows(-2), 1, 5)
+    assert observer.failed_batches == [1, 1]
+
+    def refuses(inputs: Mapping[str, np.ndarray], params: Any) -> dict[str, np.ndarray]:
+        if params:
+            raise InvalidInput("unknown parameter 'p'", field="params")
+        return {"y": inputs["x"]}
+
+    checked = Batcher(refuses, max_rows=8, queue_rows=64, inline_max_s=10.0, observer=observer)
+    await checked.submit(rows(1), 1, 5)
+    with pytest.raises(InvalidInput, match="unknown parameter"):  # the client's error, as it is
+        await checked.submit(rows(1), 1, 5, params={"p": 1})
+    assert checked.inline == 1 and observer.failed_batches == [1, 1]
+    await checked.close()
+    # An answer later than the deadline is a deadline error, as from the queue: the model is measured
+    # cheap, then one call takes longer than the request's deadline.
+    slow = Batcher(
+        lambda inputs, params: (model.gate.wait(0.05), {"y": inputs["x"]})[1],
+        max_rows=8,
+        queue_rows=64,
+        inline_max_s=10.0,
+    )
+    await slow.submit(rows(1), 1, 5)
+    model.gate.clear()  # the next call waits 50 ms for a gate nobody opens
+    with pytest.raises(DeadlineExceeded):
+        await slow.submit(rows(1), 1, timeout_s=0.001)
+    assert slow.inline == 1
+    await slow.close()
+    # After all of these, the next lone request still runs inline and succeeds.
+    model.gate.set()
+    assert (await batcher.submit(rows(3), 1, 5)).outputs["y"].item() == 6
+    assert model.threads[-1] == threading.get_ident()
+    await batcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_closing_batcher_refuses_a_claimant() -> None:
+    model = ThreadRecording()
+    batcher = await measured(model)
+    claimant = asyncio.create_task(batcher.submit(rows(1), 1, 5))
+    closing = asyncio.create_task(batcher.close())  # runs while the claimant yields
+    with pytest.raises(NotReady):
+        await claimant
+    await closing
+    assert model.calls == [1]
