@@ -136,13 +136,11 @@ class ReloadSettings(BaseModel):
     """Replay window: a delivery whose ``X-MLflow-Timestamp`` is further than this from Ferry's clock is
     refused (seconds)."""
 
-    @model_validator(mode="after")
-    def _one_webhook_secret(self) -> ReloadSettings:
-        if self.webhook_secret is not None and self.webhook_secret_file is not None:
-            raise ValueError("set webhook_secret or webhook_secret_file, not both")
-        if self.webhook_secret is not None and len(self.webhook_secret.get_secret_value()) < 16:
-            raise ValueError("webhook_secret must be at least 16 characters (e.g. openssl rand -hex 32)")
-        return self
+    @property
+    def webhooks(self) -> bool:
+        """Whether push reloads are on (a secret is set; ``service/webhooks.py`` reads and checks it at
+        start-up, never quoting it: a settings error would print the input)."""
+        return self.webhook_secret is not None or self.webhook_secret_file is not None
 
 
 class MemorySettings(BaseModel):

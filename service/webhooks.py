@@ -89,23 +89,25 @@ def read_secret(reload: ReloadSettings) -> bytes | None:
     """The webhook secret, from ``webhook_secret`` or the file ``webhook_secret_file`` (one trailing
     newline dropped); ``None`` when neither is set (the route is off). ``ConfigurationError``, never
     quoting the secret, when the file cannot be read or holds too short a secret."""
-    if reload.webhook_secret is not None:
-        return reload.webhook_secret.get_secret_value().encode()
-    if reload.webhook_secret_file is None:
-        return None
-    path = reload.webhook_secret_file
-    try:
-        with open(path, "rb") as file:
-            secret = file.read()
-    except OSError as exc:
+    if reload.webhook_secret is not None and reload.webhook_secret_file is not None:
         raise ConfigurationError(
-            f"FERRY_RELOAD__WEBHOOK_SECRET_FILE {path}: cannot read it ({exc.strerror or exc})"
-        ) from None
-    secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+            "set FERRY_RELOAD__WEBHOOK_SECRET or FERRY_RELOAD__WEBHOOK_SECRET_FILE, not both"
+        )
+    if reload.webhook_secret is not None:
+        secret, where = reload.webhook_secret.get_secret_value().encode(), "FERRY_RELOAD__WEBHOOK_SECRET"
+    elif reload.webhook_secret_file is None:
+        return None
+    else:
+        path = reload.webhook_secret_file
+        where = f"FERRY_RELOAD__WEBHOOK_SECRET_FILE {path}"
+        try:
+            with open(path, "rb") as file:
+                secret = file.read().removesuffix(b"\n").removesuffix(b"\r")
+        except OSError as exc:
+            raise ConfigurationError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigurationError(
-            f"FERRY_RELOAD__WEBHOOK_SECRET_FILE {path}: the secret must be at least {MIN_SECRET_BYTES} "
-            "bytes (e.g. openssl rand -hex 32)"
+            f"{where}: the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)"
         )
     return secret
 

@@ -50,7 +50,6 @@ def create_app(
     registry (tests hand in a fake one with fake runtimes, to test the app in process)."""
     metrics = metrics or Metrics()
     metrics.build_info.info({"version": __version__})
-    webhook_secret = read_secret(settings.reload)  # an unreadable secret file fails start-up
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,8 +78,9 @@ def create_app(
             loading = asyncio.create_task(_start(models), name="load-models")
             stack.push_async_callback(_cancel, loading)
             reloader = Reloader(models, models_from, metrics, settings.reload)
-            if webhook_secret is not None:  # push reloads: the same check, run when MLflow says so
-                verifier = Verifier(webhook_secret, settings.reload.webhook_max_age_s)
+            secret = read_secret(settings.reload)  # a bad secret fails start-up, never quoted
+            if secret is not None:  # push reloads: the same check, run when MLflow says so
+                verifier = Verifier(secret, settings.reload.webhook_max_age_s)
                 receiver = WebhookReceiver(verifier, models, reloader, metrics)
                 stack.push_async_callback(receiver.close)
                 app.state.webhooks = receiver
@@ -129,7 +129,7 @@ def create_app(
         app.state.admin_keys = admin_keys
         app.include_router(admin.router)
         app.include_router(repository.router)  # v2's model repository extension, as protected
-    if webhook_secret is not None:  # off (404) without a secret: the signature is its only authentication
+    if settings.reload.webhooks:  # off (404) without a secret: the signature is its only authentication
         app.include_router(webhooks.router)
     for protocol in PROTOCOLS:
         declare(app, protocol, pipeline_of)

@@ -214,11 +214,26 @@ def test_the_secret_comes_from_the_setting_or_a_file(tmp_path: Path) -> None:
         read_secret(ReloadSettings(webhook_secret_file=str(tmp_path / "missing")))
 
 
-def test_secret_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="at least 16"):
-        ReloadSettings(webhook_secret="short")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="not both"):
-        ReloadSettings(webhook_secret=SECRET, webhook_secret_file="/x")  # type: ignore[arg-type]
+def test_bad_secrets_fail_start_up_without_quoting_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="at least 16") as caught:
+        read_secret(ReloadSettings(webhook_secret="short-secret"))  # type: ignore[arg-type]
+    assert "short-secret" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="not both") as caught:
+        read_secret(ReloadSettings(webhook_secret=SECRET, webhook_secret_file="/x"))  # type: ignore[arg-type]
+    assert SECRET not in str(caught.value)
+    assert ReloadSettings(webhook_secret_file="/x").webhooks and not ReloadSettings().webhooks
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_secret_file_fails_start_up() -> None:
+    settings = Settings(
+        models=["m=models:/m@champion"],
+        reload=ReloadSettings(poll_s=0, webhook_secret_file="/nonexistent/secret"),
+    )
+    app = create_app(settings, Metrics(process=False), FakeRegistry())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="FERRY_RELOAD__WEBHOOK_SECRET_FILE /nonexistent/secret"):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 # ------------------------------------------------------------------------------- the route, in process
