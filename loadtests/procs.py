@@ -63,8 +63,12 @@ class Server:
         return text[-tail:] if tail else text
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of every live process in the server's process group (seconds)."""
-        return group_cpu_seconds(self.process.pid)
+        """User + system CPU of the server's live processes (seconds): its process group, and its
+        descendants in groups of their own (Ferry's workers: ``FERRY_WORKERS`` > 1)."""
+        group = set(_group_pids(self.process.pid))
+        return group_cpu_seconds(self.process.pid) + sum(
+            process_cpu_seconds(pid) for pid in _descendants(self.process.pid) if pid not in group
+        )
 
 
 def venv_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -325,21 +329,26 @@ def group_cpu_seconds(pgid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its live descendants: the server's CPU even when ``pid`` is a wrapper
     (``timeout``, a shell) that started it."""
+    return sum(process_cpu_seconds(p) for p in [pid, *_descendants(pid)])
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (children, their children...)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             fields = _stat_fields(int(entry.name))
             if fields is not None:
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo, seen = 0.0, [pid], set()
+    found: list[int] = []
+    todo, seen = list(children.get(pid, [])), {pid}
     while todo:
         current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        total += process_cpu_seconds(current)
-        todo += children.get(current, [])
-    return total
+        if current not in seen:
+            seen.add(current)
+            found.append(current)
+            todo += children.get(current, [])
+    return found
 
 
 def http_post(

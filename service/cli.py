@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (FERRY_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (FERRY_PORT)")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (FERRY_DEVICE)")
+    serve.add_argument(
+        "--workers", help="serving processes on the port: N >= 1 or auto (FERRY_WORKERS; default 1)"
+    )
 
     demo = commands.add_parser("register-demo", help="train and register the demo models (idempotent)")
     demo.add_argument("--models-dir", default="models", help="folder holding register.py (default: models)")
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "device": args.device}.items() if v}
+    given = {"host": args.host, "port": args.port, "device": args.device, "workers": args.workers}
+    overrides = {k: v for k, v in given.items() if v is not None and v != ""}
     if args.model:
         overrides["models"] = args.model
     try:
@@ -116,6 +121,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ferry: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    from service import workers
+
+    if (sockets := workers.inherited_sockets()) is not None:  # a worker the supervisor started
+        status = serve_app(
+            settings, sockets=sockets[:1], ops_sockets=sockets[1:], hold_until_loaded=workers.restarted()
+        )
+        return 0 if status == 0 else workers.BOOT_FAILED
     if warning := exposure_warning(settings):
         log.warning(warning)
     if not settings.models:
@@ -124,6 +136,24 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if settings.workers != 1:
+        # the workers read their settings from the environment: the flags travel there
+        env = dict(os.environ)
+        for key, value in overrides.items():
+            env[f"FERRY_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
+        return workers.supervise(settings, env)
+    return serve_app(settings)
+
+
+def serve_app(
+    settings: Settings,
+    sockets: list[socket.socket] | None = None,
+    ops_sockets: list[socket.socket] | None = None,
+    hold_until_loaded: bool = False,
+) -> int:
+    """One serving process: the app on ``settings.host:port``, or on ``sockets`` a supervisor bound
+    (``service/workers.py``; ``ops_sockets`` for ``FERRY_METRICS_PORT``). ``hold_until_loaded``: accept
+    connections only once no model is still loading."""
     from service.api.app import create_app
 
     app = create_app(settings)
@@ -138,10 +168,14 @@ def _serve(args: argparse.Namespace) -> int:
         **connection_limits(settings.limits, app.state.metrics),
     )
     server = GracefulServer(config, app, settings.shutdown.grace_s)
+    if hold_until_loaded:
+        from service.workers import hold_until_loaded as hold
+
+        hold(app, lambda: server.should_exit)
     if settings.metrics_port is None:
-        server.run()
+        server.run(sockets=sockets)
     else:
-        asyncio.run(_serve_with_ops(server, app, settings))
+        asyncio.run(_serve_with_ops(server, app, settings, sockets, ops_sockets))
     return 0 if server.started else 1
 
 
@@ -232,7 +266,13 @@ def exposure_warning(settings: Settings) -> str | None:
     )
 
 
-async def _serve_with_ops(server: GracefulServer, app: Any, settings: Any) -> None:
+async def _serve_with_ops(
+    server: GracefulServer,
+    app: Any,
+    settings: Any,
+    sockets: list[socket.socket] | None = None,
+    ops_sockets: list[socket.socket] | None = None,
+) -> None:
     """The main server plus the operations routes on ``FERRY_METRICS_PORT``, in one event loop; the
     main server owns the signals and the lifespan, the operations server stops after it."""
     from service.api.app import create_ops_app
@@ -248,9 +288,9 @@ async def _serve_with_ops(server: GracefulServer, app: Any, settings: Any) -> No
             **connection_limits(settings.limits, app.state.metrics),
         )
     )
-    ops_task = asyncio.create_task(ops.serve())
+    ops_task = asyncio.create_task(ops.serve(sockets=ops_sockets or None))
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         ops.should_exit = True
         await ops_task
@@ -289,6 +329,9 @@ class GracefulServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         models.shutting_down = True
+        protocol = getattr(self.config, "http_protocol_class", None)
+        if isinstance(protocol, type) and issubclass(protocol, GuardedHttpProtocol):
+            protocol.draining = True  # answers close their connections: kept-alive clients move on now
         log.info("signal %d: readiness is now 503; serving %.1fs more before draining", sig, self._grace_s)
         timer = threading.Timer(self._grace_s, super().handle_exit, args=(sig, frame))
         timer.daemon = True
@@ -381,6 +424,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_head_bytes: ClassVar[int] = 64 * 1024
     head_timeout_answer: ClassVar[bytes] = b""
     head_too_large_answer: ClassVar[bytes] = b""
+    draining: ClassVar[bool] = False
+    """Set by the first SIGTERM (``GracefulServer``): every answer says ``Connection: close`` and closes
+    its connection, so clients holding kept-alive connections reconnect (elsewhere, once readiness has
+    taken this server out) during the grace period, instead of sending a request on a connection the
+    drain then closes unread."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -445,7 +493,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not previous and cycle.keep_alive:
+        if cycle is not previous and self.draining:
+            cycle.keep_alive = False
+        elif cycle is not previous and cycle.keep_alive:
             # Until the body is complete, an answer closes the connection (see the class docstring).
             cycle.keep_alive = False
             cycle.ferry_keep_alive = True  # type: ignore[attr-defined]

@@ -212,6 +212,9 @@ class Settings(BaseSettings):
     """MLflow registry URI when it differs from the tracking URI (``MLFLOW_REGISTRY_URI``)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Serving processes on the one port, each with its own copy of the models (``auto``: one per usable
+    CPU core on CPU, one per GPU on CUDA); above 1 a supervisor starts, restarts and drains them."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -266,3 +269,12 @@ class Settings(BaseSettings):
         if not _DEVICE.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _workers_without_grpc(self) -> Settings:
+        if self.workers != 1 and self.grpc_port is not None:
+            raise ValueError(
+                "workers above 1 and grpc_port cannot be combined yet: every worker would need the gRPC "
+                "port (unset FERRY_GRPC_PORT, or run one worker per replica)"
+            )
+        return self

@@ -7,21 +7,28 @@ input value. Units are base units (seconds, bytes, ratios) as Prometheus naming 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import glob
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import prometheus_client
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     GCCollector,
     Histogram,
     Info,
     PlatformCollector,
     ProcessCollector,
     Summary,
+    generate_latest,
 )
+from prometheus_client.core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -58,6 +65,63 @@ SHADOW_DROP_REASONS = ("busy", "in_flight", "failed")
 """Why shadow work was dropped (``ferry_challenger_shadow_dropped_total``)."""
 DIFFERENCE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Absolute difference between challenger and champion outputs, per row (largest over its values)."""
+
+
+GAUGE_MODES = {
+    "http_requests_inprogress": "livesum",
+    "ferry_queue_rows": "livesum",
+    "ferry_queue_capacity_rows": "livesum",
+    "ferry_model_ready": "livemin",
+    "ferry_challenger_ready": "livemin",
+    "ferry_model_info": "livemax",
+    "ferry_memory_used_bytes": "livemax",
+    "ferry_memory_budget_bytes": "livemax",
+    "ferry_cache_breaker_state": "livemax",
+    "ferry_cache_memory_bytes": "livesum",
+    "ferry_cache_memory_entries": "livesum",
+}
+"""How each gauge reads across workers (``FERRY_WORKERS`` > 1): ``livesum`` adds the live workers' values
+(rows queued, requests in progress, cache bytes), ``livemin`` is 1 only when every live worker has it
+(ready), ``livemax`` the largest (the fullest worker's memory, the worst breaker, a version any worker
+serves). A gauge missing here is exported per worker (``liveall``: a ``pid`` label)."""
+
+
+def multiprocess_dir() -> str | None:
+    """The folder every worker writes its metric values to, when a supervisor runs workers."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Gauge(prometheus_client.Gauge):
+    """prometheus_client's gauge with its multiprocess mode from ``GAUGE_MODES``, and a ``remove`` that
+    works across workers: prometheus_client cannot delete a series from a worker's file, so the series
+    is written as NaN there first and ``MergedCollector`` leaves NaN gauge samples out."""
+
+    def __init__(self, name: str, documentation: str, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiprocess_mode", GAUGE_MODES.get(name, "liveall"))
+        super().__init__(name, documentation, *args, **kwargs)
+
+    def remove(self, *labelvalues: Any) -> None:
+        if multiprocess_dir() is None:
+            super().remove(*labelvalues)
+            return
+        self.labels(*labelvalues).set(math.nan)
+        with warnings.catch_warnings():  # "not implemented in multi-process mode": done above
+            warnings.simplefilter("ignore", UserWarning)
+            super().remove(*labelvalues)
+
+
+class MergedCollector(MultiProcessCollector):
+    """Every worker's values, merged: counters, histograms and summaries added up, gauges by their mode,
+    series removed by a worker (NaN) left out."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        metrics = self._read_metrics(files)  # type: ignore[no-untyped-call]
+        for metric in metrics.values():
+            if metric.type == "gauge":
+                metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+        merged: Iterable[Metric] = self._accumulate_metrics(metrics, True)  # type: ignore[no-untyped-call]
+        return merged
 
 
 class Metrics:
@@ -202,6 +266,12 @@ class Metrics:
         )
         for event, outcome in WEBHOOK_SERIES:  # exported at 0 from the start
             self.webhooks.labels(event, outcome)
+        self.worker_restarts = Counter(
+            "ferry_worker_restarts_total",
+            "Worker processes restarted by the supervisor after they died (FERRY_WORKERS > 1; 0 with one "
+            "process).",
+            registry=r,
+        )
         self.model_ready = Gauge(
             "ferry_model_ready",
             "1 when the model is loaded, warmed up and serving; 0 otherwise.",
@@ -336,6 +406,20 @@ class Metrics:
             registry=r,
         )
 
+    def exposition(self) -> bytes:
+        """The ``/metrics`` text. With workers: the values of all of them (``MergedCollector``), plus what
+        only this process collects once (build info, the GPU collector, ``process_*`` of the worker that
+        answers the scrape)."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        merged = list(MergedCollector(CollectorRegistry(), path).collect())  # type: ignore[no-untyped-call]
+        names = {m.name for m in merged}
+        local = [m for m in self.registry.collect() if m.name not in names]
+        view = CollectorRegistry(auto_describe=False)
+        view.register(_Families([*merged, *local]))
+        return generate_latest(view)
+
     def model_served(self, name: str) -> None:
         """Export ``name``'s load and unload counters at 0 for every reason, so rates see the first one."""
         for reason in LOAD_REASONS:
@@ -370,6 +454,16 @@ class Metrics:
         children[1].observe(seconds)
         children[2].observe(request_bytes)
         children[3].observe(response_bytes)
+
+
+class _Families:
+    """A collector of families collected already (one scrape's merged view)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 class ModelMetrics:

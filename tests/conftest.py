@@ -46,6 +46,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith(_CLEARED_PREFIXES):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FERRY_ALLOWED_FLAVORS", TEST_FLAVORS)
+    monkeypatch.setenv("FERRY_WORKERS", "1")  # one process per test server unless a test asks for more
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
 
 
 def linear_module(weight: float = 2.0, bias: float = 1.0, features: int = 4, outputs: int = 3):  # type: ignore[no-untyped-def]
@@ -214,6 +216,7 @@ def start_server(
         "PYTHONUNBUFFERED": "1",
         "FERRY_SHUTDOWN__GRACE_S": "0",
         "FERRY_ALLOWED_FLAVORS": TEST_FLAVORS,
+        "FERRY_WORKERS": "1",
     }
     env |= extra_env or {}
     argv = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "service.grpc": 3,
     # L4: entry points
     "service.cli": 4,
+    "service.workers": 4,
     "service.check": 4,
     "service.__main__": 4,
 }
