@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from procs import free_port, launch, stop_server, wait_ready
+from procs import ROOT, free_port, launch, stop_server, wait_ready
+from prometheus_client import multiprocess
 
 from conftest import Registry, metric, start_server, wait_until
 
@@ -263,3 +265,60 @@ def test_port_zero_any_address_and_bad_values(registry: Registry, tmp_path: Path
         refused = launch("bad", [*argv, "--workers", bad], tmp_path / f"bad{bad}.log", env=env, cwd=tmp_path)
         assert refused.process.wait(timeout=60) == 2
         assert "workers" in refused.log() and "invalid settings" in refused.log(), refused.log()
+
+
+_WORKER_METRICS = """
+import os, sys
+from service.metrics import Metrics
+m = Metrics(process=False)
+m.requests.labels("linear", "1", "ferry").inc(int(sys.argv[1]))
+m.model_ready.labels("linear").set(1)
+m.model_ready.labels("gone").set(1)
+m.queue_rows.labels("linear", "1").set(int(sys.argv[1]))
+m.model_info.labels("linear", sys.argv[2], "champion", "onnx", "onnxruntime", "cpu", "CPU").set(1)
+if sys.argv[3] == "swap":  # this worker retired version 1 and stopped serving "gone"
+    m.model_info.remove("linear", "1", "champion", "onnx", "onnxruntime", "cpu", "CPU")
+    m.model_ready.remove("gone")
+print(os.getpid())
+"""
+
+
+def test_metrics_of_worker_processes_merge(tmp_path: Path) -> None:
+    """Two real processes writing to one PROMETHEUS_MULTIPROC_DIR, as two workers do, and the scrape a
+    third one (the answering worker) renders: counters add up, gauges follow their mode, and a series
+    one worker removed is gone from the view once no live worker has it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER_METRICS)
+    pids = [
+        int(subprocess.run(
+            [sys.executable, str(script), *args], env=env, check=True, capture_output=True, text=True, cwd=ROOT
+        ).stdout)
+        for args in (("3", "1", "keep"), ("4", "2", "swap"))
+    ]  # fmt: skip
+    # The two writers have exited; as the supervisor does not mark them dead here, their live gauges stay.
+    scrape = (
+        "from service.metrics import Metrics; import sys; sys.stdout.write(Metrics().exposition().decode())"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", scrape], env=env, check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert metric(text, "ferry_inference_requests_total", model="linear") == 7.0  # 3 + 4
+    assert metric(text, "ferry_queue_rows", model="linear") == 7.0  # livesum
+    assert metric(text, "ferry_model_ready", model="linear") == 1.0  # livemin, one series
+    assert metric(text, "ferry_model_ready", model="gone") == 1.0  # the other worker still serves it
+    assert metric(text, "ferry_model_info", version="2") == 1.0
+    assert metric(text, "ferry_model_info", version="1") == 1.0  # the first worker still serves v1
+    assert 'pid="' not in text
+    assert metric(text, "ferry_build_info") == 1.0  # from the scraping process alone
+    assert metric(text, "ferry_worker_restarts_total") == 0.0
+    # The first worker dies and is marked dead: its live gauges leave the view, its counts stay.
+    multiprocess.mark_process_dead(pids[0], str(tmp_path))  # type: ignore[no-untyped-call]
+    text = subprocess.run(
+        [sys.executable, "-c", scrape], env=env, check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert metric(text, "ferry_inference_requests_total", model="linear") == 7.0
+    assert metric(text, "ferry_queue_rows", model="linear") == 4.0
+    assert 'version="1"' not in text.split("ferry_model_info", 1)[1].split("# HELP", 1)[0]  # removed: NaN
+    assert 'model="gone"' not in text  # removed by the one live worker that had it
