@@ -365,7 +365,7 @@ def start(
     env = base_env(tracking_uri)
     if instance.server == "ferry":
         env["FERRY_MODELS"] = ",".join(f"{m}=models:/{m}@{ALIAS}" for m in models or instance.models)
-        env |= dict(instance.env)
+        env |= dict(instance.env) | {"FERRY_WORKERS": str(instance.workers)}
         if instance.key == "ferry-redis":
             if redis is None:
                 raise RuntimeError("no Redis: set FERRY_REDIS_URL or install redis-server")
@@ -383,11 +383,11 @@ def start(
     if instance.server == "mlflow":
         mlflow = str(Path(sys.executable).parent / "mlflow")
         argv = [mlflow, "models", "serve", "-m", f"models:/{instance.models[0]}@{ALIAS}"]
-        argv += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+        argv += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(instance.workers)]
         return procs.start_server(
             instance.key.replace(":", "-"), argv, port, "/ping", logs, env, timeout_s=300
         )
-    argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port)]
+    argv = [sys.executable, str(HERE / "floor.py"), "--port", str(port), "--workers", str(instance.workers)]
     return procs.start_server("floor", argv, port, "/health/ready", logs, env, timeout_s=60)
 
 

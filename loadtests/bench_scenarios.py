@@ -31,8 +31,12 @@ class Instance:
     variant: str  # how this Ferry is configured ("" for the default: batching on, cache off)
     models: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    workers: int = 1
+    """Serving processes: ``FERRY_WORKERS`` for Ferry, ``--workers`` for MLflow and the floor."""
 
 
+TWO = "2 workers"
+"""The variant of the worker-process comparison (issue 15): every server with 2 processes on one port."""
 INSTANCES = {
     i.key: i
     for i in (
@@ -78,6 +82,9 @@ INSTANCES = {
         # answers the transport comparison over gRPC, REST v2 binary and REST v2 JSON alike.
         Instance("ferry-grpc", "ferry", "gRPC on", (ONNX, CNN), (("FERRY_CACHE__ENABLED", "false"),)),
         Instance(f"mlflow:{ONNX}", "mlflow", "", (ONNX,)),
+        Instance("ferry-2w", "ferry", TWO, (ONNX,), (("FERRY_CACHE__ENABLED", "false"),), workers=2),
+        Instance(f"mlflow-2w:{ONNX}", "mlflow", TWO, (ONNX,), workers=2),
+        Instance("floor-2w", "floor", TWO, workers=2),
         Instance(f"mlflow:{TORCH}", "mlflow", "", (TORCH,)),
         Instance(f"mlflow:{CNN}", "mlflow", "", (CNN,)),
         Instance(f"mlflow:{CHURN}", "mlflow", "", (CHURN,)),
@@ -87,6 +94,7 @@ INSTANCES = {
 ORDER = ["ferry", "ferry-nobatch", "ferry-grpc", "ferry-memory", "ferry-redis", "ferry-sklearn"]
 ORDER += [f"mlflow:{ONNX}"]
 ORDER += [f"mlflow:{TORCH}", f"mlflow:{CNN}", f"mlflow:{CHURN}", "floor"]
+ORDER += ["ferry-2w", f"mlflow-2w:{ONNX}", "floor-2w"]
 """Servers start one after another in this order; each runs all its scenarios while it is up."""
 
 
@@ -190,6 +198,17 @@ def scenarios() -> list[Scenario]:
                     generator="python",
                 )
             )
+    out.append(
+        Scenario(
+            "onnx-1row-workers-c64",
+            f"{ONNX}, 1 row, 64 conn, 1 and 2 worker processes",
+            ONNX,
+            1,
+            64,
+            True,
+            ("ferry", "ferry-2w", f"mlflow-2w:{ONNX}", "floor-2w"),
+        )
+    )
     for rows in (1, 256):
         out.append(
             Scenario(

@@ -8,12 +8,16 @@ Ferry's throughput is reported as a share of this one's. A body with the Open In
 ``Inference-Header-Content-Length`` header has only that JSON header parsed; its binary tensors are
 left as bytes.
 
-    python loadtests/floor.py --port 8001
+    python loadtests/floor.py --port 8001 [--workers 2]
+
+``--workers N`` runs N uvicorn processes on the port (uvicorn's own supervisor: spawned, one shared
+socket), the floor of a server with N processes.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import orjson
 from fastapi import FastAPI, Request
@@ -57,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes on the port")
     args = parser.parse_args(argv)
     import uvicorn
 
     # The same server settings as ``ferry serve``: uvloop and httptools when installed, no access log.
+    if args.workers > 1:  # uvicorn's workers import the app by name, in fresh interpreters
+        here = str(Path(__file__).resolve().parent)
+        uvicorn.run(
+            "floor:create_app", factory=True, app_dir=here, workers=args.workers,
+            host=args.host, port=args.port, access_log=False, log_level="warning",
+        )  # fmt: skip
+        return 0
     uvicorn.run(create_app(), host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
 
