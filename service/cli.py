@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if settings.workers != 1:
+    if settings.workers != 1 and workers.worker_count(settings)[0] > 1:
         # the workers read their settings from the environment: the flags travel there
         env = dict(os.environ)
         for key, value in overrides.items():

@@ -274,7 +274,7 @@ class Settings(BaseSettings):
     def _workers_without_grpc(self) -> Settings:
         if self.workers != 1 and self.grpc_port is not None:
             raise ValueError(
-                "workers above 1 and grpc_port cannot be combined yet: every worker would need the gRPC "
-                "port (unset FERRY_GRPC_PORT, or run one worker per replica)"
+                "workers (other than 1) and grpc_port cannot be combined yet: every worker would need the "
+                "gRPC port (unset FERRY_GRPC_PORT, or run one worker per replica)"
             )
         return self

@@ -319,3 +319,21 @@ def test_metrics_of_worker_processes_merge(tmp_path: Path) -> None:
     assert metric(text, "ferry_queue_rows", model="linear") == 4.0
     assert 'version="1"' not in text.split("ferry_model_info", 1)[1].split("# HELP", 1)[0]  # removed: NaN
     assert 'model="gone"' not in text  # removed by the one live worker that had it
+
+
+def test_worker_count() -> None:
+    """``auto`` is one worker per usable CPU core on CPU; a number is taken as it is; a bad value, or
+    workers with the gRPC port, is refused naming the field."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+    from service.workers import worker_count
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(Settings(workers="auto", device="cpu")) == (cores, ["cpu"] * cores)
+    assert worker_count(Settings(workers=3, device="cpu")) == (3, ["cpu"] * 3)
+    for bad in (0, "2.5", "all"):
+        with pytest.raises(ValidationError, match="workers"):
+            Settings(workers=bad)
+    with pytest.raises(ValidationError, match="grpc_port"):
+        Settings(workers=2, grpc_port=8001)
