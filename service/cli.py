@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.config import Settings
+    from service.config import Settings, describe_invalid
 
     given = {"host": args.host, "port": args.port, "device": args.device, "workers": args.workers}
     overrides = {k: v for k, v in given.items() if v is not None and v != ""}
@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"ferry: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"ferry: invalid settings:\n{describe_invalid(exc)}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     from service import workers

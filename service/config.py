@@ -11,7 +11,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_TRACKING_URI = "sqlite:///.ferry/mlflow.db"
@@ -278,3 +286,15 @@ class Settings(BaseSettings):
                 "gRPC port (unset FERRY_GRPC_PORT, or run one worker per replica)"
             )
         return self
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """Settings errors as ``FERRY_NAME: message`` lines, without the values given: pydantic's own text
+    repeats each input, and an input may be a secret (``FERRY_API_KEYS``, a section holding
+    ``redis_secret``)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        path = "__".join(str(part) for part in error["loc"])
+        name = f"FERRY_{path.upper()}" if path else "settings"
+        lines.append(f"  {name}: {error['msg']}")
+    return "\n".join(lines)

@@ -97,7 +97,7 @@ async def _check(options: Options) -> int:
     from pydantic import ValidationError
 
     from service import logs
-    from service.config import Settings
+    from service.config import Settings, describe_invalid
 
     if options.requests < 1:
         raise UsageError("--requests must be at least 1")
@@ -107,7 +107,7 @@ async def _check(options: Options) -> int:
     try:
         settings = Settings(models=models, default_model="candidate")
     except ValidationError as exc:
-        raise UsageError(f"invalid settings:\n{exc}") from None
+        raise UsageError(f"invalid settings:\n{describe_invalid(exc)}") from None
     logs.configure("warning", settings.log_format)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     frame = labels = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.config import DEFAULT_TRACKING_URI, Settings
+from service.config import DEFAULT_TRACKING_URI, Settings, describe_invalid
 from service.errors import ConfigurationError
 from service.registry import ModelSpec
 
@@ -45,6 +45,19 @@ def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FERRY_REDIS_URL", "redis://:hunter2@localhost:6379/0")
     s = Settings()
     assert "s3cret" not in repr(s) and "hunter2" not in repr(s)
+
+
+def test_invalid_settings_are_named_without_their_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic's own message repeats every input, secrets included (a too-short Redis secret printed
+    whole); what Ferry prints names each variable and leaves the values out."""
+    monkeypatch.setenv("FERRY_CACHE__REDIS_SECRET", "shortredis")
+    monkeypatch.setenv("FERRY_PORT", "eighty")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "shortredis" in str(caught.value)  # what describe_invalid exists to avoid
+    text = describe_invalid(caught.value)
+    assert "shortredis" not in text and "eighty" not in text
+    assert "FERRY_PORT:" in text and "FERRY_CACHE:" in text and "at least 16 characters" in text
 
 
 @pytest.mark.parametrize(
