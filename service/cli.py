@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if (sockets := workers.inherited_sockets()) is not None:  # a worker the supervisor started
         status = serve_app(
-            settings, sockets=sockets[:1], ops_sockets=sockets[1:], hold_until_loaded=workers.restarted()
+            settings, sockets=sockets[:1], ops_sockets=sockets[1:], hold_until_loaded=workers.holds()
         )
         return 0 if status == 0 else workers.BOOT_FAILED
     if warning := exposure_warning(settings):

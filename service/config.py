@@ -220,7 +220,7 @@ class Settings(BaseSettings):
     """MLflow registry URI when it differs from the tracking URI (``MLFLOW_REGISTRY_URI``)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    workers: int | Literal["auto"] = 1
     """Serving processes on the one port, each with its own copy of the models (``auto``: one per usable
     CPU core on CPU, one per GPU on CUDA); above 1 a supervisor starts, restarts and drains them."""
     host: str = "127.0.0.1"
@@ -277,6 +277,16 @@ class Settings(BaseSettings):
         if not _DEVICE.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return text
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError("workers must be an integer >= 1 or auto")
+        return int(text)
 
     @model_validator(mode="after")
     def _workers_without_grpc(self) -> Settings:

@@ -11,8 +11,10 @@ Workers are fresh interpreters (``python -m service serve`` with the sockets in 
 spawned, never forked from a process that imported torch or CUDA), each a whole Ferry app: its own
 models, batchers and memory cache tiers; Redis is shared. The supervisor imports no framework. It
 restarts a worker that dies, after an exponential backoff (``ferry_worker_restarts_total``, one log line
-with the exit status or signal); a restarted worker accepts connections only once its models are
-loaded, so clients never meet a cold one. SIGTERM or SIGINT is forwarded once to every worker, each runs
+with the exit status or signal). Only worker 0 accepts connections while it loads (so that
+``/health/live`` answers and ``/health/ready`` says 503 at once, as with one process); every other
+worker, and any restarted one, accepts only once its models are loaded, so clients never meet a cold
+worker behind a ready probe. SIGTERM or SIGINT is forwarded once to every worker, each runs
 its own grace period and drain (``GracefulServer``), and the supervisor exits 0 when they all did. A
 worker that cannot start (exit 2 or 3: bad settings, a failed start-up) stops the whole server with
 status 1 instead of being restarted forever.
@@ -46,8 +48,9 @@ log = logging.getLogger("ferry")
 
 SOCKETS_ENV = "_FERRY_WORKER_SOCKETS"
 """Internal (set by the supervisor for its workers): the inherited file descriptors, ``main[,ops]``."""
-RESTART_ENV = "_FERRY_WORKER_RESTART"
-"""Internal: ``1`` for a restarted worker, which accepts connections only once its models are loaded."""
+HOLD_ENV = "_FERRY_WORKER_HOLD"
+"""Internal: ``1`` for a worker that accepts connections only once its models are loaded (all but
+worker 0's first start)."""
 BOOT_FAILED = 3
 """A worker's exit status when it could not start: the supervisor stops instead of restarting it."""
 FIRST_BACKOFF_S = 0.5
@@ -174,7 +177,7 @@ class Supervisor:
         fds = [s.fileno() for s in self.sockets]
         env = self.env | {
             SOCKETS_ENV: ",".join(map(str, fds)),
-            RESTART_ENV: "1" if restart else "0",
+            HOLD_ENV: "1" if restart or worker.index > 0 else "0",
             "FERRY_DEVICE": worker.device,
             "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
         }
@@ -266,7 +269,7 @@ def _die_with_parent() -> None:
 
 def hold_until_loaded(app: Any, stopping: Callable[[], bool]) -> None:
     """Make ``app``'s start-up wait until no model is still loading (loaded or failed), so that its
-    server accepts connections only then (a restarted worker: the others serve meanwhile)."""
+    server accepts connections only then (another worker serves meanwhile, or will)."""
     import asyncio
 
     from service.lifecycle import ModelState
@@ -299,6 +302,6 @@ def inherited_sockets() -> list[socket.socket] | None:
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
 
 
-def restarted() -> bool:
-    """Whether this worker replaces one that died (it accepts connections once its models are loaded)."""
-    return os.environ.get(RESTART_ENV) == "1"
+def holds() -> bool:
+    """Whether this worker accepts connections only once its models are loaded (``HOLD_ENV``)."""
+    return os.environ.get(HOLD_ENV) == "1"

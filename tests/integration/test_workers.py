@@ -48,20 +48,22 @@ def _worker_pids(supervisor: int) -> set[int]:
     return pids
 
 
-def _pinned_clients(url: str, per_worker: int, tries: int = 400) -> dict[int, list[httpx.Client]]:
-    """Kept-alive clients, ``per_worker`` on each worker: a connection stays on the worker that
-    accepted it, and its ``/health/live`` names that worker."""
+def _pinned_clients(url: str, per_worker: int, timeout_s: float = 120.0) -> dict[int, list[httpx.Client]]:
+    """Kept-alive clients, ``per_worker`` on each of the 2 workers: a connection stays on the worker that
+    accepted it, and its ``/health/live`` names that worker (worker 1 joins once its models are loaded)."""
     clients: dict[int, list[httpx.Client]] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         client = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1))
         pid = int(client.get("/health/live").headers["x-ferry-worker"])
         if len(clients.setdefault(pid, [])) < per_worker:
             clients[pid].append(client)
         else:
             client.close()
+            time.sleep(0.01)
         if len(clients) >= 2 and all(len(c) >= per_worker for c in clients.values()):
             return clients
-    raise AssertionError(f"connections reached {len(clients)} worker(s) in {tries} tries: {clients.keys()}")
+    raise AssertionError(f"connections reached {len(clients)} worker(s) in {timeout_s} s: {clients.keys()}")
 
 
 def _predict(client: httpx.Client, i: int) -> int:
@@ -261,7 +263,8 @@ def test_port_zero_any_address_and_bad_values(registry: Registry, tmp_path: Path
     for bad in ("0", "-1", "many"):
         refused = launch("bad", [*argv, "--workers", bad], tmp_path / f"bad{bad}.log", env=env, cwd=tmp_path)
         assert refused.process.wait(timeout=60) == 2
-        assert "workers" in refused.log() and "invalid settings" in refused.log(), refused.log()
+        assert "FERRY_WORKERS: " in refused.log() and "integer >= 1 or auto" in refused.log(), refused.log()
+        assert bad not in refused.log().split("FERRY_WORKERS: ", 1)[1], refused.log()  # values never quoted
 
 
 _WORKER_METRICS = """
