@@ -238,6 +238,10 @@ class Settings(BaseSettings):
     """``text`` for people, ``json`` (one object per line) for log pipelines."""
     download_dir: str = ".ferry/models"
     """Local folder where model artifacts are downloaded (cached by model name and version)."""
+    model_repository: str | None = None
+    """A folder of MLflow model directories, one per model name (``/mnt/models/fraud``), as KServe's
+    model agent lays them out: the repository extension's load of a name Ferry does not serve, without
+    a URI, serves that folder's entry (unset: such a load is 404)."""
     warmup: bool = True
     """Run each model's logged input example through it before reporting ready."""
     allowed_flavors: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(SAFE_FLAVORS))

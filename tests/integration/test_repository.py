@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from mlflow_stores import save_linear
 
 from conftest import Registry, Server, metric, start_server, stop_server
 
@@ -25,7 +26,14 @@ ROWS = [[1.0, 2.0, 3.0, 4.0]]
 
 @pytest.fixture(scope="module")
 def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"FERRY_ADMIN_TOKEN": TOKEN, "FERRY_RELOAD__POLL_S": "0"}
+    repository = tmp_path_factory.mktemp("model-repository")
+    save_linear(repository / "downloaded", 2.0)  # what KServe's model agent leaves in /mnt/models/NAME
+    (repository / "empty").mkdir()
+    env = {
+        "FERRY_ADMIN_TOKEN": TOKEN,
+        "FERRY_RELOAD__POLL_S": "0",
+        "FERRY_MODEL_REPOSITORY": str(repository),
+    }
     served = start_server(registry, MODELS, tmp_path_factory.mktemp("repository"), env)
     yield served
     stop_server(served)
@@ -118,6 +126,21 @@ def test_load_from_a_uri_serves_a_new_model_and_an_unknown_name_without_one_is_4
     assert index(server)["copy"] == {"name": "copy", "version": "1", "state": "READY", "reason": ""}
     answer = infer(server, "copy")
     assert answer.status_code == 200 and answer.json()["outputs"] == [[21.0, 21.0, 21.0]], answer.text
+
+
+def test_a_load_with_no_body_serves_the_model_repository_folder_of_that_name(server: Server) -> None:
+    """KServe's model agent downloads a model to ``/mnt/models/NAME`` and asks for its load with no
+    body: ``FERRY_MODEL_REPOSITORY`` says where those folders are."""
+    loaded = post(server, "/v2/repository/models/downloaded/load")
+    assert loaded.status_code == 200, loaded.text
+    assert index(server)["downloaded"]["state"] == "READY"
+    answer = infer(server, "downloaded")
+    assert answer.status_code == 200 and answer.json()["outputs"] == [[21.0, 21.0, 21.0]], answer.text
+    for name in ("empty", "absent"):  # a folder without an MLmodel, and no folder at all
+        refused = post(server, f"/v2/repository/models/{name}/load")
+        assert refused.status_code == 404, (name, refused.text)
+        assert "FERRY_MODEL_REPOSITORY" in refused.json()["error"], refused.text
+    assert "empty" not in index(server) and "absent" not in index(server)
 
 
 @pytest.mark.parametrize(

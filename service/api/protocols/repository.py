@@ -13,14 +13,16 @@ A load names the model's location, when Ferry does not serve it yet or should ta
 with the parameter ``uri`` (``{"parameters": {"uri": "models:/fraud@champion"}}``), or inside Triton's
 ``config`` parameter, a JSON object as a string (``tritonclient``'s ``load_model(name,
 config='{"uri": "models:/fraud@champion"}')``). Without either, a served model is loaded again from its
-own URI (resolving its alias anew). Triton's ``file:`` parameters (model files in the request) are
-refused.
+own URI (resolving its alias anew), and a name Ferry does not serve from ``FERRY_MODEL_REPOSITORY/NAME``
+(KServe's model agent downloads a model there, then asks for its load with no body). Triton's ``file:``
+parameters (model files in the request) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from fastapi.responses import Response
 from service.api.deps import models_of
 from service.api.jsonbody import loads_object
 from service.api.routes.admin import require_admin
+from service.config import Settings
 from service.errors import BadRequest, FerryError, ModelNotFound
 from service.lifecycle import ModelSlot, ModelState
 
@@ -73,10 +76,11 @@ async def load(request: Request, name: str) -> Response:
     parameters = _parameters(await _body(request), _LOAD_PARAMETERS, "load")
     uri = _uri(parameters)
     models = models_of(request)
-    if uri is None:
-        models.find(name)  # 404 naming it: without a URI Ferry cannot know where it is
+    if uri is None and any(slot.name == name for slot in models.slots()):
         await models.load(name, reason="repository")
         return Response(status_code=200)
+    if uri is None:
+        uri = _in_repository(request, name)
     new = all(slot.name != name for slot in models.slots())
     try:
         await models.add(name, uri, reason="repository")
@@ -96,6 +100,28 @@ async def unload(request: Request, name: str) -> Response:
         raise BadRequest("parameter 'unload_dependents' must be true or false", field="unload_dependents")
     await models_of(request).unload(name, reason="repository")
     return Response(status_code=200)
+
+
+def _in_repository(request: Request, name: str) -> str:
+    """The folder ``FERRY_MODEL_REPOSITORY/NAME`` (where KServe's model agent puts a model it downloaded
+    before it asks for the load, with no body), or 404 naming where Ferry looked."""
+    settings: Settings = request.app.state.settings
+    served = sorted(slot.name for slot in models_of(request).slots())
+    if settings.model_repository is None:
+        raise ModelNotFound(
+            f"model {name!r} is not served and the load names no 'uri' (FERRY_MODEL_REPOSITORY is unset); "
+            f"served models: {served}",
+            model=name,
+        )
+    root = Path(settings.model_repository)
+    folder = root / name
+    if name in {".", ".."} or "/" in name or not (folder / "MLmodel").is_file():
+        raise ModelNotFound(
+            f"model {name!r} is not served and {str(folder)!r} holds no MLflow model "
+            f"(FERRY_MODEL_REPOSITORY); served models: {served}",
+            model=name,
+        )
+    return str(folder.resolve())
 
 
 def _entry(slot: ModelSlot) -> dict[str, Any]:
