@@ -81,18 +81,26 @@ def start_tracking_server(root: Path, timeout_s: float = 120.0, env: dict[str, s
 
 @contextlib.contextmanager
 def tracking(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for a block; the URI and the active experiment
-    (an id of this store, meaningless in another) are put back after."""
+    """MLflow's process-wide tracking URI set to ``uri`` for a block, with no active experiment inside it:
+    an experiment id set by an earlier block (``mlflow.set_experiment`` keeps it in the process and in
+    the environment variable ``MLFLOW_EXPERIMENT_ID``) names an experiment of another store, and a run
+    would be created there (``No Experiment with id=1 exists``). The URI and the active experiment are
+    put back after."""
     import mlflow
     from mlflow.tracking import fluent
 
     previous, experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
+    variable = os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
         fluent._active_experiment_id = experiment
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        if variable is not None:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = variable
 
 
 def save_linear(path: Path, weight: float) -> Path:
