@@ -279,13 +279,7 @@ class ModelSet:
                 await self._make_room(slot, size, loading.evict)
             model = await asyncio.to_thread(self._registry.load, name, ref)
             stage = "warmup"
-            batcher, slot_metrics = self._batcher(name, model)
-            try:
-                await self._warm_up(name, model, batcher)
-            except BaseException:
-                await batcher.close(drain=False)
-                model.runtime.close()
-                raise
+            batcher, slot_metrics = await self._warmed(name, model)
         except BaseException as exc:
             self._recharge(slot)  # what it reserved goes back; what answers stays charged
             if not isinstance(exc, Exception):
@@ -549,6 +543,18 @@ class ModelSet:
                     await version.close()
             slot.state = ModelState.STOPPED
 
+    async def _warmed(self, name: str, model: LoadedModel) -> tuple[Batcher, ModelMetrics]:
+        """``model``'s batcher and metrics, after its warm-up; a failed warm-up frees both the batcher
+        and the model before it raises."""
+        batcher, slot_metrics = self._batcher(name, model)
+        try:
+            await self._warm_up(name, model, batcher)
+        except BaseException:
+            await batcher.close(drain=False)
+            model.runtime.close()
+            raise
+        return batcher, slot_metrics
+
     def _batcher(self, name: str, model: LoadedModel) -> tuple[Batcher, ModelMetrics]:
         batch = self._settings.batch
         first = model.outputs[0] if model.outputs else None
@@ -698,13 +704,7 @@ class ModelSet:
                     reserved = True
                 self._metrics.memory_used.set(self._budget.used)
             model = await asyncio.to_thread(self._registry.load, name, ref)
-            batcher, slot_metrics = self._batcher(name, model)
-            try:
-                await self._warm_up(name, model, batcher)
-            except BaseException:
-                await batcher.close(drain=False)
-                model.runtime.close()
-                raise
+            batcher, slot_metrics = await self._warmed(name, model)
         except BaseException as exc:
             if reserved:
                 self._budget.release(key)
