@@ -272,6 +272,20 @@ class Metrics:
             "process).",
             registry=r,
         )
+        self.swap_rounds = Counter(
+            "ferry_swap_rounds_total",
+            "Coordinated model changes across worker processes (FERRY_WORKERS > 1), by action (load, add, "
+            "remove, unload) and result (committed, rejected, unchanged).",
+            ["action", "result"],
+            registry=r,
+        )
+        self.swap_commit = Histogram(
+            "ferry_swap_commit_seconds",
+            "From the supervisor's commit of a coordinated load to the last worker's answer that it swapped: "
+            "the longest any worker may answer with the old version after another answers with the new.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.model_ready = Gauge(
             "ferry_model_ready",
             "1 when the model is loaded, warmed up and serving; 0 otherwise.",
