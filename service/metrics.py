@@ -7,11 +7,12 @@ input value. Units are base units (seconds, bytes, ratios) as Prometheus naming 
 
 from __future__ import annotations
 
+import bisect
 import glob
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,56 @@ class MergedCollector(MultiProcessCollector):
         return merged
 
 
+def fast_inc(child: Any) -> Callable[[float], None]:
+    """A counter's or gauge's child incremented straight into its value (``child.inc`` checks, per call,
+    that the child has labels, that the amount is not negative and whether an exemplar came: about 1 µs
+    of the 1.5 µs; the request path only adds counts it knows are positive). The same value object, so
+    worker processes' files too (``FERRY_WORKERS`` > 1)."""
+    inc: Callable[[float], None] = child._value.inc
+    return inc
+
+
+def fast_set(child: Any) -> Callable[[float], None]:
+    """A gauge's child set straight into its value (see ``fast_inc``; not for the ``mostrecent`` mode,
+    which no Ferry gauge uses)."""
+    value = child._value
+
+    def set_(amount: float) -> None:
+        value.set(float(amount))
+
+    return set_
+
+
+def fast_observe(child: Any) -> Callable[[float], None]:
+    """A histogram's child observed straight into its values: the sum, and the one bucket whose upper
+    bound is the first at or above the amount, found by bisection (``Histogram.observe`` checks the
+    labels and an exemplar and walks the bounds one by one). A NaN, which no bound holds, counts in the
+    sum only, as ``Histogram.observe`` counts it."""
+    bounds = list(child._upper_bounds)
+    buckets = [bucket.inc for bucket in child._buckets]
+    add = child._sum.inc
+    last = len(bounds) - 1
+
+    def observe(amount: float) -> None:
+        add(amount)
+        i = bisect.bisect_left(bounds, amount)
+        if i <= last and amount <= bounds[i]:
+            buckets[i](1)
+
+    return observe
+
+
+def fast_summary(child: Any) -> Callable[[float], None]:
+    """A summary's child observed straight into its count and sum (see ``fast_inc``)."""
+    count, add = child._count.inc, child._sum.inc
+
+    def observe(amount: float) -> None:
+        count(1)
+        add(amount)
+
+    return observe
+
+
 class Metrics:
     """The metric objects of one Ferry app."""
 
@@ -156,7 +207,7 @@ class Metrics:
         self.http_response_size = Summary(
             "http_response_size_bytes", "Response body bytes.", ["handler"], registry=r
         )
-        self._http_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+        self._http_children: dict[tuple[str, str, str], tuple[Callable[[float], None], ...]] = {}
         self.http_inprogress = Gauge(
             "http_requests_inprogress",
             "Inference requests (the hot routes) being answered now; the autoscaling signal.",
@@ -459,15 +510,15 @@ class Metrics:
         children = self._http_children.get(key)
         if children is None:
             children = self._http_children[key] = (
-                self.http_requests.labels(handler, method, key[2]),
-                self.http_duration.labels(handler, method),
-                self.http_request_size.labels(handler),
-                self.http_response_size.labels(handler),
+                fast_inc(self.http_requests.labels(handler, method, key[2])),
+                fast_observe(self.http_duration.labels(handler, method)),
+                fast_summary(self.http_request_size.labels(handler)),
+                fast_summary(self.http_response_size.labels(handler)),
             )
-        children[0].inc()
-        children[1].observe(seconds)
-        children[2].observe(request_bytes)
-        children[3].observe(response_bytes)
+        children[0](1)
+        children[1](seconds)
+        children[2](request_bytes)
+        children[3](response_bytes)
 
 
 class _Families:
@@ -505,8 +556,17 @@ class ModelMetrics:
             metrics.predicted_class.labels(name, version, "other") if classes > MAX_CLASS_LABELS else None
         )
         self.output_value = metrics.output_value.labels(name, version)
-        self._protocols: dict[str, tuple[Any, Any]] = {}
+        self._protocols: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
         self._replay_hit: Any = None
+        # What every request or model call records, straight into the children's values (``fast_inc``).
+        self.observe_queue = fast_observe(self.queue_s)
+        self.observe_compute = fast_observe(self.compute_s)
+        self.observe_total = fast_observe(self.total_s)
+        self._batch_rows = fast_observe(self.batch_rows)
+        self._queue_rows = fast_set(self.queue_rows)
+        self._classes = [fast_inc(child) for child in self.classes]
+        self._other_class = fast_inc(self.other_class) if self.other_class is not None else None
+        self._output_value = fast_observe(self.output_value)
 
     def replayed(self, protocol: str, rows: int) -> None:
         """A repeat answered from the response tier of the cache."""
@@ -520,19 +580,19 @@ class ModelMetrics:
         if pair is None:
             m = self._metrics
             pair = (
-                m.requests.labels(self._name, self._version, protocol),
-                m.rows.labels(self._name, self._version, protocol),
+                fast_inc(m.requests.labels(self._name, self._version, protocol)),
+                fast_inc(m.rows.labels(self._name, self._version, protocol)),
             )
             self._protocols[protocol] = pair
-        pair[0].inc()
-        pair[1].inc(rows)
+        pair[0](1)
+        pair[1](rows)
 
     # BatchObserver
     def batch(self, rows: int, compute_s: float) -> None:
-        self.batch_rows.observe(rows)
+        self._batch_rows(rows)
 
     def queue(self, rows: int) -> None:
-        self.queue_rows.set(rows)
+        self._queue_rows(rows)
 
     def failed(self, requests: int) -> None:
         self.failures.inc()
@@ -546,12 +606,19 @@ class ModelMetrics:
         if first is None or first.ndim == 0 or first.dtype.kind != "f":
             return
         if self.classes and first.ndim == 2:
+            if first.shape[0] == 1:  # a lone request's row: its class, without counting every class
+                self._predicted(int(first[0].argmax()), 1)
+                return
             counts = np.bincount(first.argmax(axis=1), minlength=first.shape[1])
             for index, count in enumerate(counts.tolist()):
                 if count:
-                    child = self.classes[index] if index < len(self.classes) else self.other_class
-                    if child is not None:
-                        child.inc(count)
+                    self._predicted(index, count)
         else:
+            observe = self._output_value
             for value in first.reshape(first.shape[0], -1)[:64, 0].tolist():
-                self.output_value.observe(value)
+                observe(value)
+
+    def _predicted(self, index: int, count: int) -> None:
+        inc = self._classes[index] if index < len(self._classes) else self._other_class
+        if inc is not None:
+            inc(count)

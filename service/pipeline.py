@@ -188,7 +188,7 @@ class Pipeline:
                 tier = "hit"
         if outputs is None:
             outputs = await self._compute(active, decoded, key, call.gone, call.deadline)
-        active.metrics.total_s.observe(time.perf_counter() - started)
+        active.metrics.observe_total(time.perf_counter() - started)
         active.metrics.answered(call.protocol, rows)
         ttl = cache.ttl_s(name) if key is not None and cache is not None and call.cache is None else None
         if split:
@@ -246,8 +246,8 @@ class Pipeline:
         except DeadlineExceeded:
             m.timeout.inc()
             raise
-        m.queue_s.observe(result.queue_s)
-        m.compute_s.observe(result.compute_s)
+        m.observe_queue(result.queue_s)
+        m.observe_compute(result.compute_s)
         return result.outputs
 
     async def close(self) -> None:
