@@ -20,9 +20,9 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,6 +47,27 @@ from service.metrics import Metrics, ModelMetrics
 from service.registry import LoadedModel, ModelRef, ModelRegistry, ModelSpec
 
 log = logging.getLogger(__name__)
+
+COORDINATED_REASONS = frozenset({"reload", "admin", "repository"})
+"""With worker processes, loads for these reasons are rounds over every worker (``swaps.py``); start-up,
+first-request and ``sync`` loads are a worker's own."""
+
+
+class Coordination(Protocol):
+    """What ``ModelSet`` needs from the worker's side of coordinated swaps (``swaps.SwapClient``)."""
+
+    async def change(
+        self,
+        action: str,
+        name: str,
+        uri: str | None = None,
+        ref: ModelRef | None = None,
+        reason: str = "admin",
+    ) -> None:
+        """Run ``action`` (load, add, remove, unload) on every worker; raises when it was rejected."""
+
+    def report(self, name: str, uri: str, ref: ModelRef) -> None:
+        """This worker loaded ``ref`` of ``name`` on its own."""
 
 
 class ModelState(enum.StrEnum):
@@ -97,6 +118,9 @@ class Loading:
     """Why (``ferry_model_loads_total``): startup, first_request, reload, admin, repository."""
     evict: bool = True
     """Whether it may unload idle models to fit the memory budget."""
+    gate: Callable[[], Awaitable[None]] | None = None
+    """With worker processes, a round's load (``swaps.py``): awaited once the version is warmed up and
+    before it is swapped in; it returns when every worker staged it, raises when the round aborted."""
     task: asyncio.Task[ModelSlot] = field(init=False)
 
     def joins(self, uri: str, ref: ModelRef | None) -> bool:
@@ -179,6 +203,12 @@ class ModelSet:
                 if self.challenger_uri(spec) is not None:
                     metrics.challenger_served(spec.name)
         metrics.memory_budget.set(settings.memory.budget_bytes or 0)
+        self.coordinator: Coordination | None = None
+        """With worker processes (``swaps.py``): changes for the reasons in ``COORDINATED_REASONS`` go
+        through it, as rounds over every worker."""
+        self.pinned: dict[str, ModelRef] = {}
+        """With worker processes: the version each model last swapped in, loaded again by a first request
+        or a start-up (committed across workers), never a newer one resolved on its own."""
         self.shutting_down = False
         self.generation = 0
         """Bumped whenever the set of answering versions changes (swap, add, remove): replayed responses
@@ -190,17 +220,19 @@ class ModelSet:
         MLflow's loaders that are not thread-safe are serialized in the registry, downloads are not.
         Under a memory budget one after the other in the listed order, each that still fits (a model
         that does not stays unloaded until its first request; nothing is evicted at start-up)."""
-        slots = list(self._slots.values())
+        slots = [s for s in self._slots.values() if s.state != ModelState.UNLOADED]  # pinned unloaded
         if self._budget.enabled:
             results: list[BaseException | ModelSlot] = []
             for slot in slots:
                 try:
-                    results.append(await self.load(slot.name, reason="startup", evict=False))
+                    ref = self.pinned.get(slot.name)
+                    results.append(await self.load(slot.name, ref=ref, reason="startup", evict=False))
                 except FerryError as exc:
                     results.append(exc)
         else:
             results = await asyncio.gather(
-                *(self.load(slot.name, reason="startup") for slot in slots), return_exceptions=True
+                *(self.load(s.name, ref=self.pinned.get(s.name), reason="startup") for s in slots),
+                return_exceptions=True,
             )
         for slot, result in zip(slots, results, strict=True):
             if isinstance(result, ConfigurationError):
@@ -229,6 +261,7 @@ class ModelSet:
         *,
         reason: str = "reload",
         evict: bool = True,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> ModelSlot:
         """Resolve (unless ``ref`` is given), download, load and warm up a version of ``name``, then swap
         it in with one reference assignment and drain the old version. A version that fails any step
@@ -239,14 +272,22 @@ class ModelSet:
         Every load of a model goes through here (start-up, the reloader, the admin API), and at most
         one runs per model: a caller asking for what the load in progress will give joins it; any other
         load waits for it to finish. MLflow's loaders keep process-wide state, so two loads of one
-        version at once fail or load it twice. A caller that is cancelled leaves the load running."""
+        version at once fail or load it twice. A caller that is cancelled leaves the load running.
+
+        With worker processes a load for a reason in ``COORDINATED_REASONS`` (the reloader, the admin
+        and repository APIs) is proposed as a round instead (``swaps.py``); the round's own load on each
+        worker comes back here with its ``gate``."""
+        if gate is None and self.coordinator is not None and reason in COORDINATED_REASONS:
+            self.find(name)
+            await self.coordinator.change("load", name, uri, ref, reason)
+            return self.find(name)
         slot = self._slots[name]
         uri = uri or slot.spec.uri
         pending = slot.loading
         if pending is not None and pending.joins(uri, ref):
             return await asyncio.shield(pending.task)
         before = pending.task if pending is not None and not pending.task.done() else None
-        loading = Loading(uri, ref.version if ref is not None else None, reason, evict)
+        loading = Loading(uri, ref.version if ref is not None else None, reason, evict, gate)
         if slot.state == ModelState.UNLOADED:
             slot.state = ModelState.LOADING
         loading.task = asyncio.create_task(self._load_after(before, slot, loading, ref), name=f"load-{name}")
@@ -280,6 +321,15 @@ class ModelSet:
             model = await asyncio.to_thread(self._registry.load, name, ref)
             stage = "warmup"
             batcher, slot_metrics = await self._warmed(name, model)
+            if loading.gate is not None:  # every worker staged it, or the round aborted
+                # No await from here to the swap below: the gate's "done" and the swap share a turn.
+                stage = "swap"
+                try:
+                    await loading.gate()
+                except BaseException:
+                    await batcher.close(drain=False)
+                    model.runtime.close()
+                    raise
         except BaseException as exc:
             self._recharge(slot)  # what it reserved goes back; what answers stays charged
             if not isinstance(exc, Exception):
@@ -335,6 +385,12 @@ class ModelSet:
             f"; {human(size)} of the memory budget, {human(self._budget.used)} of "
             f"{human(self._budget.limit or 0)} in use" if size is not None else "",
         )  # fmt: skip
+        if self.coordinator is not None:
+            self.pinned[name] = ref
+            if (
+                loading.gate is None
+            ):  # its own load: the supervisor corrects it if another version is committed
+                self.coordinator.report(name, spec.uri, ref)
         if old is not None:
             await self._retire(old)
         elif parked is not None and parked.source != ref.source:  # the alias moved while it was unloaded
@@ -410,10 +466,14 @@ class ModelSet:
             self._budget.charge(slot.name, slot.size_bytes or 0)
         self._metrics.memory_used.set(self._budget.used)
 
-    async def unload(self, name: str, reason: str = "repository") -> None:
+    async def unload(self, name: str, reason: str = "repository", *, local: bool = False) -> None:
         """Unload ``name`` but keep serving it by name (the repository API): it stays listed, unloaded,
-        until a load asks for it again; its requests get 503 meanwhile. A load in progress is cancelled."""
+        until a load asks for it again; its requests get 503 meanwhile. A load in progress is cancelled.
+        With worker processes, on every worker (``local``: this one only, as a round applies it)."""
         slot = self.find(name)
+        if not local and self.coordinator is not None:
+            await self.coordinator.change("unload", name, reason=reason)
+            return
         if slot.loading is not None:
             slot.loading.task.cancel()
         old = self._detach(slot, reason, on_demand=False, why=f"{reason} API")
@@ -459,7 +519,7 @@ class ModelSet:
             raise OverBudget(refused.error.message, **refused.error.details)
         try:
             async with asyncio.timeout(timeout_s):
-                await self.load(slot.name, reason="first_request")
+                await self.load(slot.name, ref=self.pinned.get(slot.name), reason="first_request")
         except TimeoutError:
             raise DeadlineExceeded(
                 f"model {slot.name!r} did not load within the request's deadline of {timeout_s:g} s "
@@ -471,24 +531,61 @@ class ModelSet:
                 raise
             raise NotReady(f"model {slot.name!r} was unloaded while it loaded") from None
 
-    async def add(self, name: str, uri: str, reason: str = "admin") -> ModelSlot:
-        """Serve a new model, or an existing one from a new URI (admin and repository APIs)."""
+    async def add(
+        self,
+        name: str,
+        uri: str,
+        reason: str = "admin",
+        *,
+        ref: ModelRef | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> ModelSlot:
+        """Serve a new model, or an existing one from a new URI (admin and repository APIs); with worker
+        processes, on every worker (a round: ``load``)."""
         try:
             spec = ModelSpec.parse(f"{name}={uri}")
         except ConfigurationError as exc:
             raise InvalidInput(exc.message, field="uri") from None
+        if gate is None and self.coordinator is not None and reason in COORDINATED_REASONS:
+            await self.coordinator.change("add", spec.name, spec.uri, ref, reason)
+            return self.find(spec.name)
         if spec.name in self._slots:
-            return await self.load(spec.name, spec.uri, reason=reason)
+            return await self.load(spec.name, spec.uri, ref, reason=reason, gate=gate)
         self._slots[spec.name] = ModelSlot(spec)
         self._metrics.model_served(spec.name)
         if self._default is None:
             self._default = spec.name
-        return await self.load(spec.name, reason=reason)
+        return await self.load(spec.name, ref=ref, reason=reason, gate=gate)
 
-    async def remove(self, name: str, reason: str = "admin") -> None:
-        """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed."""
+    def apply_pins(self, models: Mapping[str, tuple[str, ModelRef | None, bool]], removed: set[str]) -> None:
+        """Before start-up, in a worker that (re)starts: the state committed across workers. A model the
+        admin or repository API added is served from its URI, a removed one is not, an unloaded one stays
+        unloaded, and each loads its committed version (``pinned``)."""
+        for name in removed & set(self._slots):
+            del self._slots[name]
+            if self._default == name:
+                self._default = next(iter(self._slots), None)
+        for name, (uri, ref, unloaded) in models.items():
+            if name not in self._slots:
+                self._slots[name] = ModelSlot(ModelSpec.parse(f"{name}={uri}"))
+                self._metrics.model_served(name)
+                self._default = self._default or name
+            elif uri:
+                self._slots[name].spec = ModelSpec(name, uri)
+            if ref is not None:
+                self.pinned[name] = ref
+            if unloaded:
+                self._slots[name].state = ModelState.UNLOADED
+
+    async def remove(self, name: str, reason: str = "admin", *, local: bool = False) -> None:
+        """Stop serving ``name``: new requests get 404, queued ones finish, then the model is freed. With
+        worker processes, on every worker (``local``: this one only, as a round applies it)."""
         slot = self.find(name)
+        if not local and self.coordinator is not None:
+            await self.coordinator.change("remove", name, reason=reason)
+            return
         del self._slots[name]
+        self.pinned.pop(name, None)
         if slot.loading is not None:
             slot.loading.task.cancel()
         self.generation += 1

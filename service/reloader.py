@@ -12,6 +12,10 @@ With challenger traffic on (``FERRY_CHALLENGER__MODE``), each poll also looks up
 challenger alias after its champion (``ModelSet.follow_challenger``): a moved alias loads the new
 challenger, a removed one (or one that names the champion's version) unloads it.
 
+With worker processes (``FERRY_WORKERS`` > 1) only worker 0 polls the champions' aliases, and a moved
+one is loaded as a round over every worker (``swaps.py``): swapped on all once all staged it, rejected
+for all when one worker cannot load it. Every worker follows its challengers itself.
+
 Under a memory budget it does not fight the budget: an unloaded model is left alone (its next load
 resolves its alias anyway), and a retry of a model that never loaded unloads nothing to make room (it
 stays unloaded until its first request when it does not fit).
@@ -52,20 +56,22 @@ class Reloader:
         self._rejected: dict[str, _Rejected] = {}
         self._registry_down = False
 
-    async def run(self) -> None:
-        """Poll forever (cancel to stop)."""
+    async def run(self, champions: bool = True) -> None:
+        """Poll forever (cancel to stop). ``champions=False``: follow the challengers only (with worker
+        processes, every worker but the leader: the leader's polls move the champions of all)."""
         while True:
             await asyncio.sleep(self._settings.poll_s)
-            await self.check_all()
+            await self.check_all(champions)
 
-    async def check_all(self) -> None:
+    async def check_all(self, champions: bool = True) -> None:
         """One poll of every model. Whatever goes wrong with one model is logged and leaves the others,
         and later polls, unaffected: alias following never stops."""
         for slot in self._service.slots():
             if self._service.shutting_down:
                 return
             try:
-                await self.check(slot)
+                if champions:
+                    await self.check(slot)
             except Exception:
                 log.exception("model %s: alias check failed; trying again at the next poll", slot.name)
             if self._service.challenger_uri(slot.spec) is None:

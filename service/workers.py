@@ -19,6 +19,10 @@ its own grace period and drain (``GracefulServer``), and the supervisor exits 0 
 worker that cannot start (exit 2 or 3: bad settings, a failed start-up) stops the whole server with
 status 1 instead of being restarted forever.
 
+Model versions: each worker also gets one end of a socket pair to the supervisor, whose loop waits on
+them (``selectors``) and runs coordinated swaps over them (``swaps.py``: ``Coordinator``): only worker 0
+follows the aliases, and every change of a served version lands on all workers together or on none.
+
 Metrics: ``PROMETHEUS_MULTIPROC_DIR`` is a fresh folder the supervisor creates and removes; every
 worker writes its values there and ``/metrics`` on any worker reads them all (``Metrics.exposition``).
 """
@@ -27,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
+import math
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -38,8 +45,11 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from service.swaps import CHANNEL_ENV, INDEX_ENV, Coordinator, encode
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -62,7 +72,8 @@ POLL_S = 0.05
 
 def worker_count(settings: Settings) -> tuple[int, list[str]]:
     """How many workers, and the device of each (``FERRY_DEVICE`` as given, or ``cuda:I`` one per GPU
-    when ``FERRY_WORKERS=auto`` on CUDA). ``auto``: one per usable CPU core on CPU, one per GPU on CUDA."""
+    when ``FERRY_WORKERS=auto`` on CUDA). ``auto``: one per usable CPU core on CPU (``usable_cores``),
+    one per GPU on CUDA."""
     device = settings.device
     gpus = 0
     if device != "cpu":
@@ -79,8 +90,29 @@ def worker_count(settings: Settings) -> tuple[int, list[str]]:
         return gpus, [f"cuda:{i}" for i in range(gpus)]
     if device.startswith("cuda:"):
         return 1, [device]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     return cores, [device] * cores
+
+
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The CPU cores this process may use: the CPUs it may run on (``sched_getaffinity``), fewer when a
+    cgroup CPU quota (a container's CPU limit: cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``) allows less, rounded up; at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    quota: float | None = None
+    with contextlib.suppress(OSError, ValueError):
+        limit, period = Path(cgroup, "cpu.max").read_text().split()[:2]
+        if limit != "max":
+            quota = int(limit) / int(period)
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(cgroup, "cpu", "cpu.cfs_quota_us").read_text().strip()
+            period = Path(cgroup, "cpu", "cpu.cfs_period_us").read_text().strip()
+            if int(limit) > 0:
+                quota = int(limit) / int(period)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(cores, 1)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -104,6 +136,8 @@ class _Worker:
     failures: int = 0  # consecutive short lives: the backoff's exponent
     due: float = 0.0  # when a dead worker is started again
     exit_status: int | None = None
+    channel: socket.socket | None = None  # the supervisor's end of the worker's socket pair (swaps.py)
+    received: bytes = b""  # a message not yet complete
 
 
 @dataclass
@@ -118,11 +152,14 @@ class Supervisor:
     workers: list[_Worker] = field(default_factory=list)
     stopping: int = 0  # signals received
     restarts: Any = None  # the ferry_worker_restarts_total counter
+    coordinator: Coordinator = field(default_factory=Coordinator)
+    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
 
     def run(self) -> int:
         from service.metrics import Metrics
 
-        self.restarts = Metrics(process=False).worker_restarts
+        metrics = Metrics(process=False)
+        self.restarts, self.coordinator.metrics = metrics.worker_restarts, metrics
         self.workers = [_Worker(i, device) for i, device in enumerate(self.devices)]
         for worker in self.workers:
             self._start(worker, restart=False)
@@ -171,28 +208,80 @@ class Supervisor:
                     log.error("workers still running after the drain deadline: killing them")
                     self._forward(signal.SIGKILL)
                     drain_deadline = now + 3600.0
-            time.sleep(POLL_S)
+            self._pump(POLL_S)
+
+    def _pump(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for messages from the workers' channels and act on them (``swaps.py``)."""
+        for key, _ in self.selector.select(timeout_s):
+            worker: _Worker = key.data
+            sock = worker.channel
+            if sock is None:
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self._disconnect(worker)
+                continue
+            *lines, worker.received = (worker.received + data).split(b"\n")
+            for line in lines:
+                try:
+                    self.coordinator.received(worker.index, json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("worker %d sent a message the supervisor cannot read (%r): %r",
+                              worker.index, exc, line[:200])  # fmt: skip
+        self.coordinator.tick()
+        for index, message in self.coordinator.take():
+            target = self.workers[index]
+            if target.channel is None:
+                continue
+            try:
+                target.channel.sendall(encode(message))
+            except OSError as exc:
+                log.error("worker %d: its channel failed (%r)", index, exc)
+                self._disconnect(target)
+
+    def _disconnect(self, worker: _Worker) -> None:
+        if worker.channel is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(worker.channel)
+        worker.channel.close()
+        worker.channel, worker.received = None, b""
+        self.coordinator.left(worker.index)
 
     def _start(self, worker: _Worker, *, restart: bool) -> None:
+        self._disconnect(worker)
+        mine, theirs = socket.socketpair()
         fds = [s.fileno() for s in self.sockets]
         env = self.env | {
+            CHANNEL_ENV: str(theirs.fileno()),
+            INDEX_ENV: str(worker.index),
             SOCKETS_ENV: ",".join(map(str, fds)),
             HOLD_ENV: "1" if restart or worker.index > 0 else "0",
             "FERRY_DEVICE": worker.device,
             "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
         }
-        worker.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],  # a worker: it finds SOCKETS_ENV
-            env=env,
-            pass_fds=fds,
-            process_group=0,  # a terminal's Ctrl-C reaches the supervisor only; it forwards one signal
-        )
+        try:
+            worker.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"],  # a worker: it finds SOCKETS_ENV
+                env=env,
+                pass_fds=[*fds, theirs.fileno()],
+                process_group=0,  # a terminal's Ctrl-C reaches the supervisor only; it forwards one signal
+            )
+        finally:
+            theirs.close()
+        mine.settimeout(5.0)  # a send to a worker whose loop is stuck fails instead of stopping all
+        worker.channel = mine
+        self.selector.register(mine, selectors.EVENT_READ, worker)
         worker.started, worker.exit_status = time.monotonic(), None
         log.info("worker %d started (pid %d, %s)", worker.index, worker.process.pid, worker.device)
 
     def _exited(self, worker: _Worker, pid: int, status: int, now: float) -> None:
         from prometheus_client import multiprocess
 
+        self._disconnect(worker)
         multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call] # its live gauges leave the view
         how = f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
         if self.stopping:

@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator.metrics import Info
 
-from service import __version__
+from service import __version__, swaps
 from service.api import docs, errors
 from service.api.auth import KeyRing
 from service.api.deps import pipeline_of
@@ -38,6 +38,7 @@ from service.pipeline import Pipeline
 from service.registry import ModelRegistry
 from service.reloader import Reloader
 from service.runtime.torch import cuda_memory
+from service.swaps import SwapClient
 from service.webhooks import Verifier, WebhookReceiver, read_secret
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ def create_app(
             stack.push_async_callback(pipeline.close)
             stack.push_async_callback(models.close)
             app.state.pipeline = pipeline
+            coordinator = None
+            if (joined := swaps.channel()) is not None:  # a worker: changes are rounds over all workers
+                coordinator = SwapClient(joined[0], joined[1], models, models_from)
+                await coordinator.connect()  # the committed versions, before anything loads
+                models.coordinator = coordinator
+                stack.push_async_callback(coordinator.close)
             if settings.grpc_port is not None:  # the same pipeline over gRPC; stopped (drained) first
                 from service.grpc.server import GrpcServer
 
@@ -84,8 +91,9 @@ def create_app(
                 receiver = WebhookReceiver(verifier, models, reloader, metrics)
                 stack.push_async_callback(receiver.close)
                 app.state.webhooks = receiver
-            if settings.reload.poll_s > 0:
-                following = asyncio.create_task(reloader.run(), name="follow-aliases")
+            champions = coordinator is None or coordinator.leader
+            if settings.reload.poll_s > 0 and (champions or settings.challenger.mode != "off"):
+                following = asyncio.create_task(reloader.run(champions), name="follow-aliases")
                 stack.push_async_callback(_cancel, following)
             yield
 

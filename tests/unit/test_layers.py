@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "service.pipeline": 2,
     "service.reloader": 2,
     "service.webhooks": 2,
+    "service.swaps": 2,
     # L3: HTTP, and gRPC (the same protocols' codecs and checks)
     "service.api": 3,
     "service.grpc": 3,
