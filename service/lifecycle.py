@@ -66,8 +66,8 @@ class Coordination(Protocol):
     ) -> None:
         """Run ``action`` (load, add, remove, unload) on every worker; raises when it was rejected."""
 
-    def report(self, name: str, uri: str, ref: ModelRef) -> None:
-        """This worker loaded ``ref`` of ``name`` on its own."""
+    def report(self, name: str, uri: str, ref: ModelRef, seconds: float) -> None:
+        """This worker loaded ``ref`` of ``name`` on its own, in ``seconds``."""
 
 
 class ModelState(enum.StrEnum):
@@ -390,7 +390,7 @@ class ModelSet:
             if (
                 loading.gate is None
             ):  # its own load: the supervisor corrects it if another version is committed
-                self.coordinator.report(name, spec.uri, ref)
+                self.coordinator.report(name, spec.uri, ref, time.perf_counter() - started)
         if old is not None:
             await self._retire(old)
         elif parked is not None and parked.source != ref.source:  # the alias moved while it was unloaded

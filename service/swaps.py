@@ -55,8 +55,10 @@ INDEX_ENV = "_FERRY_WORKER_INDEX"
 """Internal: the worker's index; worker 0 is the leader that polls the aliases."""
 STAGED_ACTIONS = ("load", "add")
 APPLIED_ACTIONS = ("remove", "unload")
-PREPARE_MIN_S = 120.0
-"""A round's prepare timeout: this, or three times the slowest prepare seen, whichever is longer."""
+PREPARE_MIN_S = 300.0
+"""A round's prepare timeout: this, or three times the slowest load seen (a round's prepare, or a load a
+worker reported), whichever is longer. It only ends a round whose worker is alive but stuck: a worker
+that dies leaves the round at once."""
 COMMIT_TIMEOUT_S = 30.0
 """A committed round is finished after this even if a worker never said ``done`` (its loop is stuck)."""
 
@@ -295,6 +297,7 @@ class Coordinator:
         """A worker loaded a version on its own: the first report of a model is committed; a later one
         that differs from the committed version is corrected (unless a round changes that model now)."""
         model, ref = message["model"], message.get("ref")
+        self.slowest_s = max(self.slowest_s, float(message.get("seconds") or 0.0))
         if model in self.removed:
             return
         entry = self.entries.get(model)
@@ -413,10 +416,12 @@ class SwapClient:
             raise kind(message, **(result.get("details") or {}))
         raise ModelLoadError(f"model {name}: not swapped on every worker: {message}")
 
-    def report(self, name: str, uri: str, ref: ModelRef) -> None:
-        """This worker loaded ``ref`` on its own (start-up, first request, a correction)."""
+    def report(self, name: str, uri: str, ref: ModelRef, seconds: float) -> None:
+        """This worker loaded ``ref`` on its own (start-up, first request, a correction) in ``seconds``."""
         if not self.closed and self._writer is not None:
-            self._write({"op": "serving", "model": name, "uri": uri, "ref": ref_dict(ref)})
+            self._write(
+                {"op": "serving", "model": name, "uri": uri, "ref": ref_dict(ref), "seconds": seconds}
+            )
 
     # -- taking part ----------------------------------------------------------------------------------
     def _write(self, message: dict[str, Any]) -> None:

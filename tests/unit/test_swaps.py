@@ -110,7 +110,9 @@ def test_a_worker_that_does_not_stage_in_time_aborts_the_round() -> None:
     coordinator.tick()
     out = coordinator.take()
     assert ops(out) == [(0, "abort"), (1, "abort"), (0, "result")]
-    assert "worker(s) [1] did not load it within 120 s" in out[2][1]["error"]
+    assert "worker(s) [1] did not load it within 300 s" in out[2][1]["error"]
+    coordinator.received(1, {"op": "serving", "model": "m", "uri": "u", "ref": ref("1"), "seconds": 200.0})
+    assert coordinator.prepare_timeout_s == 600.0, "three times the slowest load a worker reported"
 
 
 def test_a_worker_that_dies_leaves_the_round_and_a_new_one_is_brought_up_to_date() -> None:
