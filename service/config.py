@@ -293,11 +293,11 @@ class Settings(BaseSettings):
         return int(text)
 
     @model_validator(mode="after")
-    def _workers_without_grpc(self) -> Settings:
-        if self.workers != 1 and self.grpc_port is not None:
+    def _workers_share_a_grpc_port(self) -> Settings:
+        if self.workers != 1 and self.grpc_port == 0:
             raise ValueError(
-                "workers (other than 1) and grpc_port cannot be combined yet: every worker would need the "
-                "gRPC port (unset FERRY_GRPC_PORT, or run one worker per replica)"
+                "grpc_port 0 cannot be combined with workers (other than 1): each worker would listen on a "
+                "port of its own; give FERRY_GRPC_PORT a number, which every worker shares"
             )
         return self
 

@@ -297,6 +297,9 @@ class Supervisor:
         )  # fmt: skip
 
     def _signal(self, sig: int, frame: FrameType | None) -> None:
+        for worker in self.workers:
+            if worker.process is None:  # died before the drain, waiting for its restart: not the drain's
+                worker.exit_status = None
         self.stopping += 1
         log.info("signal %d: draining %d worker(s)", sig, len(self.workers))
         self._forward(signal.SIGTERM)  # a second signal is forwarded too: workers skip their grace
@@ -364,6 +367,7 @@ def hold_until_loaded(app: Any, stopping: Callable[[], bool]) -> None:
     from service.lifecycle import ModelState
 
     inner = app.router.lifespan_context
+    app.state.grpc_after_load = True  # its gRPC port (FERRY_GRPC_PORT, shared) opens with the HTTP one
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Any]:
@@ -376,6 +380,9 @@ def hold_until_loaded(app: Any, stopping: Callable[[], bool]) -> None:
 
             while loading():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+            grpc_server = getattr(app.state, "grpc_server", None)
+            if grpc_server is not None and not stopping():
+                await grpc_server.start()
             yield state
 
     app.router.lifespan_context = lifespan

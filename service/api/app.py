@@ -78,8 +78,9 @@ def create_app(
             if settings.grpc_port is not None:  # the same pipeline over gRPC; stopped (drained) first
                 from service.grpc.server import GrpcServer
 
-                grpc_server = GrpcServer(settings, pipeline, metrics)
-                await grpc_server.start()
+                grpc_server = GrpcServer(settings, pipeline, metrics, shared=coordinator is not None)
+                if not getattr(app.state, "grpc_after_load", False):  # a held worker: once loaded
+                    await grpc_server.start()
                 stack.push_async_callback(grpc_server.stop)
                 app.state.grpc_server = grpc_server
             loading = asyncio.create_task(_start(models), name="load-models")

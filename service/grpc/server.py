@@ -64,7 +64,10 @@ def status_of(error: FerryError) -> grpc.StatusCode:
 class GrpcServer:
     """The gRPC server of one app: ``await start()`` binds and serves, ``await stop()`` drains."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, metrics: Metrics, shared: bool = False
+    ) -> None:
+        """``shared``: a worker process, one of several that listen on the same port (``SO_REUSEPORT``)."""
         assert settings.grpc_port is not None
         self._host, self._port = settings.host, settings.grpc_port
         self._pipeline, self._metrics = pipeline, metrics
@@ -74,7 +77,9 @@ class GrpcServer:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.limits.max_body_bytes),
-                ("grpc.so_reuseport", 0),  # a port in use fails start-up instead of being shared
+                # One process: a port in use fails start-up instead of being shared. Workers share the port:
+                # the kernel spreads new connections over their sockets.
+                ("grpc.so_reuseport", 1 if shared else 0),
             ]
         )
         methods: dict[str, Handler] = {
@@ -115,7 +120,8 @@ class GrpcServer:
 
     async def stop(self) -> None:
         """Refuse new calls and let those in flight finish (at most uvicorn's graceful shutdown time)."""
-        await self._server.stop(self._grace_s)
+        if self.port is not None:
+            await self._server.stop(self._grace_s)
 
     # every method ------------------------------------------------------------------------------------
 

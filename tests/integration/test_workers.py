@@ -330,7 +330,7 @@ def test_metrics_of_worker_processes_merge(tmp_path: Path) -> None:
 
 def test_worker_count() -> None:
     """``auto`` is one worker per usable CPU core on CPU; a number is taken as it is; a bad value, or
-    workers with the gRPC port, is refused naming the field."""
+    workers with gRPC on port 0, is refused naming the field."""
     from pydantic import ValidationError
 
     from service.config import Settings
@@ -342,5 +342,46 @@ def test_worker_count() -> None:
     for bad in (0, "2.5", "all"):
         with pytest.raises(ValidationError, match="workers"):
             Settings(workers=bad)
-    with pytest.raises(ValidationError, match="grpc_port"):
-        Settings(workers=2, grpc_port=8001)
+    with pytest.raises(ValidationError, match="grpc_port 0"):  # each worker would get a port of its own
+        Settings(workers=2, grpc_port=0)
+    assert Settings(workers=2, grpc_port=8001).grpc_port == 8001  # shared (SO_REUSEPORT)
+
+
+def test_grpc_with_two_workers_shares_its_port(registry: Registry, tmp_path: Path) -> None:
+    """Both workers serve ``FERRY_GRPC_PORT`` (``SO_REUSEPORT``): every new gRPC connection is answered,
+    the calls add up in one ``/metrics``, and with one worker killed new connections reach the other."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    port = free_port()
+    env = TWO | {"FERRY_GRPC_PORT": str(port)}
+    server = start_server(registry, "linear-onnx=models:/linear-onnx@champion", tmp_path, env)
+
+    def infer(i: int) -> None:
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")  # a new channel: a new connection
+        try:
+            tensor = triton.InferInput("input", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[i, 0, 0, 0]], dtype=np.float32))
+            got = client.infer("linear-onnx", [tensor]).as_numpy("output")
+            assert got.tolist() == [[2.0 * i + 1.0] * 3]
+        finally:
+            client.close()
+
+    clients: dict[int, list[httpx.Client]] = {}
+    try:
+        clients = _pinned_clients(server.url, per_worker=1)  # both workers accept: both serve gRPC too
+        for i in range(20):
+            infer(i)
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert metric(text, "ferry_grpc_requests_total", method="ModelInfer", code="OK") == 20
+        assert len(re.findall(rf"gRPC \(Open Inference Protocol.*:{port}\n", server.log())) == 2, server.log()
+        victim = min(clients)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in _worker_pids(server.process.pid), timeout_s=30)
+        for i in range(20):  # the dead worker's socket left the port group: no connection is lost
+            infer(i)
+    finally:
+        for group in clients.values():
+            for client in group:
+                client.close()
+        assert stop_server(server) == 0
