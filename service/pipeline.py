@@ -108,6 +108,8 @@ class Pipeline:
         self._challenger = settings.challenger
         self.key_header = settings.challenger.key_header
         """The request header a codec reads into ``Call.key``."""
+        self.key_header_name = self.key_header.lower().encode("latin-1")
+        """``key_header`` as an HTTP/ASGI header name (lower-case bytes)."""
         self._shadow = (
             Shadow(settings.challenger, models.metrics, self._timeout_s, settings.batch.max_rows)
             if settings.challenger.mode == "shadow"

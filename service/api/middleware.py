@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import errors
 from service.api.auth import KeyRing
-from service.api.deps import pipeline_of
+from service.api.deps import header, pipeline_of, read_body
 from service.api.protocols.base import Codec, Route
 from service.api.replay import ResponseCache
 from service.batcher import Probe
@@ -133,11 +133,11 @@ class FastPath:
     ) -> None:
         started = time.perf_counter()
         request = Request(scope, receive)
+        declared = _content_length(scope)
         route.inprogress(1)
         try:
             if self._keys.enabled:
                 self._keys.check(request)
-            declared = _content_length(scope)
             if declared is not None and declared > self._max_body:
                 raise PayloadTooLarge(_too_large(self._max_body))  # before reading any of the body
             response = await self._answer(scope, request, route, params, gone)
@@ -152,7 +152,7 @@ class FastPath:
         await response(scope, receive, send)
         self._metrics.observe_http(
             route.template, scope["method"], response.status_code, time.perf_counter() - started,
-            _content_length(scope) or 0, len(response.body),
+            declared or 0, len(response.body),
         )  # fmt: skip
 
     async def _refuse_busy(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -181,11 +181,11 @@ class FastPath:
         """The codec's answer through the pipeline, or a replay of it when the same request was answered
         before."""
         codec, replay = route.codec, self._replay
-        if replay is None or request.headers.get("cache-control"):
+        if replay is None or header(request, b"cache-control"):
             pipeline = pipeline_of(request)
             return codec.encode(await pipeline.infer(await codec.decode(request, params, gone)))
         pipeline = pipeline_of(request)
-        key = replay.key(scope, await request.body(), pipeline.models.generation)
+        key = replay.key(scope, await read_body(request), pipeline.models.generation)
         entry = replay.get(key)
         if entry is not None:
             entry.answer.metrics.replayed(entry.answer.protocol, entry.answer.rows)

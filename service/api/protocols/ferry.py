@@ -56,11 +56,14 @@ def encode(answer: Answer) -> Response:
         default=json_default,
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
-    return Response(
-        content,
-        media_type="application/json",
-        headers={"X-Model-Version": answer.version, "X-Cache": answer.cache},
-    )
+    response = Response(content, media_type="application/json")
+    # The same headers, in the same order, as ``headers={"X-Model-Version": ..., "X-Cache": ...}`` gives,
+    # without starlette lower-casing and encoding a dict of them on every answer.
+    response.raw_headers[:0] = [
+        (b"x-model-version", answer.version.encode("latin-1")),
+        (b"x-cache", answer.cache.encode("latin-1")),
+    ]
+    return response
 
 
 def error_body(

@@ -22,7 +22,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, Response
 
-from service.api.deps import cache_control, request_key
+from service.api.deps import cache_control, read_body, request_key
 from service.api.frames import csv_inputs, json_payload, payload_inputs
 from service.api.protocols.base import Codec, Protocol, Route, json_default, owns_routes
 from service.batcher import Probe
@@ -37,7 +37,7 @@ from service.schemas.v2 import inline_schema
 async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) -> Call:
     """The raw body and its content type; the pipeline has them decoded against the answering version."""
     content_type = request.headers.get("content-type")
-    body = await request.body()
+    body = await read_body(request)
 
     def inputs_of(model: LoadedModel) -> Decoded:
         media, _, options = (content_type or "application/json").partition(";")

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from service import __version__
 from service.api import tensors
-from service.api.deps import cache_control, models_of, request_key
+from service.api.deps import cache_control, models_of, read_body, request_key
 from service.api.jsonbody import parse_object
 from service.api.protocols.base import Codec, Protocol, Route
 from service.batcher import Probe
@@ -75,7 +75,7 @@ async def version_ready(request: Request, name: str, version: str) -> Response:
 
 async def decode(request: Request, path: Mapping[str, str], gone: Probe | None) -> Call:
     """The raw body and headers; the pipeline has them decoded against the answering version."""
-    body = await request.body()
+    body = await read_body(request)
     header_length = request.headers.get(_HEADER)
 
     def inputs_of(model: LoadedModel) -> Decoded:
