@@ -175,6 +175,18 @@ def fast_summary(child: Any) -> Callable[[float], None]:
     return observe
 
 
+SWAP_SERIES = (
+    ("load", "committed"),
+    ("load", "rejected"),
+    ("load", "unchanged"),
+    ("add", "committed"),
+    ("add", "rejected"),
+    ("remove", "committed"),
+    ("unload", "committed"),
+)
+"""``ferry_swap_rounds_total``'s series: remove and unload are applied, never rejected."""
+
+
 class Metrics:
     """The metric objects of one Ferry app."""
 
@@ -330,6 +342,8 @@ class Metrics:
             ["action", "result"],
             registry=r,
         )
+        for action, result in SWAP_SERIES:  # exported at 0 from the start
+            self.swap_rounds.labels(action, result)
         self.swap_commit = Histogram(
             "ferry_swap_commit_seconds",
             "From the supervisor's commit of a coordinated load to the last worker's answer that it swapped: "

@@ -6,9 +6,10 @@ the model repository API, a webhook) becomes a *round* that the supervisor runs 
 - ``load`` and ``add`` (a new version, or a new model): **prepare** (each worker downloads, loads and
   warms the version beside the one answering, through ``ModelSet.load`` as always, then stops at its
   *gate* and says ``staged``) and **commit** (once every worker staged it, each swaps it in with one
-  assignment and says ``done``). One ``failed`` (or a worker that does not stage within the prepare
-  timeout) **aborts** the round: every worker drops what it staged and the old version keeps serving
-  everywhere; the proposer gets the failing worker's error.
+  assignment and says ``swapped``, then ``done`` once the old version is retired). One ``failed`` (or
+  a worker that does not stage within the prepare timeout) **aborts** the round: every worker drops
+  what it staged and the old version keeps serving everywhere; the proposer gets the failing worker's
+  error.
 - ``remove`` and ``unload`` are **applied** on every worker at once (nothing to prepare).
 
 Only worker 0 (the *leader*) polls the aliases; a webhook or an admin call reaches whichever worker
@@ -87,6 +88,9 @@ class Round:
     phase: str  # prepare | commit | apply
     started: float
     committed_at: float = 0.0
+    swapped: set[int] = field(default_factory=set)
+    swapped_at: float | None = None
+    """When the last participant said ``swapped`` (``ferry_swap_commit_seconds``)."""
 
 
 @dataclass
@@ -101,7 +105,7 @@ class Coordinator:
     round: Round | None = None
     slowest_s: float = 0.0
     commit_seconds: list[float] = field(default_factory=list)
-    """The commit-to-last-``done`` time of every committed load (also ``ferry_swap_commit_seconds``)."""
+    """The commit-to-last-``swapped`` time of every committed load (also ``ferry_swap_commit_seconds``)."""
     _queue: deque[tuple[int, int, dict[str, Any]]] = field(default_factory=deque)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _outbox: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
@@ -133,6 +137,9 @@ class Coordinator:
                 self._advance()
             elif op == "failed" and current.phase == "prepare" and worker in current.participants:
                 self._abort(f"worker {worker}: {message.get('error', 'failed')}", message)
+            elif op == "swapped" and current.phase == "commit":
+                current.swapped.add(worker)
+                self._all_swapped(current)
             elif op == "done" and current.phase in ("commit", "apply"):
                 current.waiting.discard(worker)
                 self._advance()
@@ -148,6 +155,8 @@ class Coordinator:
         current.waiting.discard(worker)
         if current.proposer == worker:
             current.proposer = None
+        if current.phase == "commit":
+            self._all_swapped(current)
         if current.phase == "prepare" and not current.participants:
             self._abort("no worker is left to load it", {})
         else:
@@ -256,10 +265,14 @@ class Coordinator:
             self._send(w, {"op": "apply", "round": None, "action": "load", "model": model,
                            "uri": proposal.get("uri"), "ref": ref, "reason": "sync"})  # fmt: skip
 
+    def _all_swapped(self, current: Round) -> None:
+        if current.swapped_at is None and current.participants <= current.swapped:
+            current.swapped_at = self.clock()
+
     def _finish(self, current: Round) -> None:
         action = current.proposal["action"]
         if current.phase == "commit":
-            took = self.clock() - current.committed_at
+            took = (current.swapped_at or self.clock()) - current.committed_at
             self.commit_seconds.append(took)
             if self.metrics is not None:
                 self.metrics.swap_commit.observe(took)
@@ -473,18 +486,19 @@ class SwapClient:
         round_id, name = int(message["round"]), message["model"]
         decided: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._decisions[round_id] = decided
-        staged = False
+        staged = committed = False
 
         async def gate() -> None:
-            nonlocal staged
+            nonlocal staged, committed
             staged = True
             self._write({"op": "staged", "round": round_id})
             decision = await decided
             if decision["op"] != "commit":
                 raise ModelLoadError(f"model {name}: not swapped: {decision.get('error')}")
-            # ModelSet swaps right after its gate returns, with no await in between: this "done" goes
-            # out in the same turn of the event loop as the swap (the old version retires after it)
-            self._write({"op": "done", "round": round_id})
+            committed = True
+            # ModelSet swaps right after its gate returns, with no await in between: "swapped" goes out
+            # in the same turn of the event loop as the swap; "done" once the old version is retired
+            self._write({"op": "swapped", "round": round_id})
 
         ref = ref_of(message.get("ref"))
         try:
@@ -494,8 +508,9 @@ class SwapClient:
                 await self._models.load(name, message.get("uri"), ref, reason=message["reason"], gate=gate)
             if not staged:  # it joined a load of that version already in progress: it serves it now
                 self._write({"op": "staged", "round": round_id})
-                await decided
-                self._write({"op": "done", "round": round_id})
+                committed = (await decided)["op"] == "commit"
+                if committed:
+                    self._write({"op": "swapped", "round": round_id})
         except FerryError as exc:
             if not staged:
                 details = {k: v for k, v in exc.details.items() if isinstance(v, str | int | float | bool)}
@@ -509,6 +524,8 @@ class SwapClient:
             return
         finally:
             self._decisions.pop(round_id, None)
+            if committed:
+                self._write({"op": "done", "round": round_id})
 
     async def _apply(self, message: dict[str, Any]) -> None:
         from service.errors import FerryError

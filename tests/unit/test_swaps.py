@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,12 @@ def test_a_load_commits_only_when_every_worker_staged_it() -> None:
     coordinator.received(1, {"op": "staged", "round": round_id})
     assert ops(coordinator.take()) == [(0, "commit"), (1, "commit")]
     assert coordinator.entries["m"].ref == ref("2")
+    clock.now = 0.001
+    coordinator.received(0, {"op": "swapped", "round": round_id})
     clock.now = 0.004
-    coordinator.received(1, {"op": "done", "round": round_id})
+    coordinator.received(1, {"op": "swapped", "round": round_id})  # the last swap: 4 ms after the commit
+    clock.now = 0.050
+    coordinator.received(1, {"op": "done", "round": round_id})  # its old version retired
     assert coordinator.take() == []
     coordinator.received(0, {"op": "done", "round": round_id})
     assert coordinator.take() == [(0, {"op": "result", "id": 7, "ok": True, "outcome": "committed"})]
@@ -216,6 +221,14 @@ class Hub:
             writer.close()
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
 def version(service: ModelSet, name: str = "m") -> str | None:
     active = service.find(name).active
     return active.version if active is not None else None
@@ -239,6 +252,7 @@ async def test_a_moved_alias_swaps_on_every_worker_or_on_none() -> None:
     for registry in registries:
         registry.version = "3"
     registries[1].fail_with = ModelLoadError("v3 does not load here")
+    await until(lambda: not a.loading("m") and not b.loading("m"))
     assert await reloader.check(a.find("m")) == "rejected"
     assert version(a) == version(b) == "2"
     assert ("m", "3") in registries[0].loads, "worker 0 loaded and staged v3 before the abort"
