@@ -115,7 +115,7 @@ class Loading:
     version: str | None
     """The version it loads; ``None`` until the URI is resolved."""
     reason: str = "reload"
-    """Why (``ferry_model_loads_total``): startup, first_request, reload, admin, repository."""
+    """Why (``ferry_model_loads_total``): startup, first_request, reload, admin, repository, sync."""
     evict: bool = True
     """Whether it may unload idle models to fit the memory budget."""
     gate: Callable[[], Awaitable[None]] | None = None

@@ -59,7 +59,7 @@ WEBHOOK_SERIES = (
     ("unknown", "replayed"),
 )
 """The ``ferry_webhooks_total`` series exported at 0 before any delivery."""
-LOAD_REASONS = ("startup", "first_request", "reload", "admin", "repository")
+LOAD_REASONS = ("startup", "first_request", "reload", "admin", "repository", "sync")
 UNLOAD_REASONS = ("evicted", "repository", "admin")
 """Why a model was loaded or unloaded (``ferry_model_loads_total``, ``ferry_model_unloads_total``)."""
 SHADOW_DROP_REASONS = ("busy", "in_flight", "failed")
